@@ -1,0 +1,744 @@
+// CPU kernels of fastnin::mlpconv and fastnin::mlpconv_backward.
+//
+// mlpconv = relu(conv1x1(relu(conv1x1(relu(conv2d(x, w0, b0, stride, padding)), w1, b1)), w2, b2)),
+// 1 to 3 stages. The work is cut into tiles of output pixels (NHWC order). A tile goes through
+// every stage while it is in cache: its im2col patch block P[T, K] (K = kh*kw*Cin, in (kh, kw, cin)
+// order so that runs of Cin come straight from the NHWC input), then z1 = P W0^T (+b0, ReLU),
+// z2 = h1 W1^T (+b1, ReLU), z3 = h2 W2^T (+b2, ReLU), all in small per-thread buffers, then the
+// tile is written to the output (or summed into the per-image GAP sums). No intermediate
+// activation ever exists as a whole tensor.
+//
+// The matrix products are BLAS GEMMs (MKL's sgemm_/dgemm_, exported by libtorch_cpu) called
+// directly, single-threaded inside at::parallel_for (MKL runs sequentially inside an OpenMP
+// region). at::mm on the same buffers adds ~1.6 us of dispatch and tensor bookkeeping per call
+// (64x192x10 product: 4.9 vs 3.3 us); where the BLAS symbols are missing (another torch build)
+// it is the fallback. ATen's cpublas::gemm_stub cannot be called from an extension (its
+// DispatchStub lookup is not exported), and the oneDNN ukernel (cpublas::brgemm) measured no
+// faster than MKL here.
+//
+// Measured on the 2-core Xeon (Sapphire Rapids, AVX-512, 214 GF/s/core fp32 FMA peak) this was
+// written on: MKL sgemm reaches 135-175 GF/s per core on the tile shapes (T = 64..512 rows,
+// K = 75..2400, N = 96..192), oneDNN's direct convolution ~190 GF/s on the 5x5 96->192 layer.
+// Tiles of whole images through a oneDNN convolution per tile, then the 1x1 stages, were tried:
+// within 5% of this design forward and no better backward, so the KxK stage stays im2col + GEMM.
+// The backward recomputes the KxK product, ~1.3x the FLOPs of torch's backward for a 5x5 block.
+//
+// The backward keeps nothing from the forward but x and out: per tile it recomputes P and the
+// hidden activations (the last stage's ReLU mask comes from `out` when given, so a one-stage
+// mlpconv recomputes nothing), then walks the stages back:
+//   g_S = grad_out * (h_S > 0)
+//   gW_s += g_{s+1}^T a_s,  gb_s += colsum(g_{s+1}),  g_s = (g_{s+1} W_s) * (h_s > 0)   (a_0 = P)
+//   gP = g_1 W_0, scattered back into grad_x (col2im).
+// Weight and bias gradients accumulate per chunk of tiles (one chunk per thread) and are reduced
+// in chunk order at the end; grad_x accumulates in a shared buffer when the chunks own disjoint
+// images, else in one private buffer per chunk, also reduced in order. So results are bitwise
+// identical from run to run with the same number of threads.
+//
+// float16 / bfloat16: tiles are converted to float32 and every stage runs in float32 (fp32
+// accumulation, fp32 intermediates: more accurate than torch, which rounds each stage's output).
+// float64 runs in double (gradcheck).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <climits>
+#include <cstring>
+#include <vector>
+
+#include "checks.h"
+
+// Fortran BLAS, as exported by libtorch_cpu (MKL) on the usual torch builds. Weak: where a torch
+// build does not export them, they are null and gemm_rm() falls back to at::mm.
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+            const int* ldc) __attribute__((weak));
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
+            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
+            const int* ldc) __attribute__((weak));
+}
+
+namespace {
+
+using fastnin::MlpconvShape;
+
+// ---------------------------------------------------------------------------------------------
+// GEMM on row-major matrices: C[M, N] = op(A)[M, K] op(B)[K, N] + beta * C, with op(X) = X or X^T
+// (ta / tb), leading dimensions in elements. beta is 0 (C is not read: garbage or NaN there does
+// not leak in) or 1.
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+void gemm_fallback(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B,
+                   int64_t ldb, T beta, T* C, int64_t ldc) {
+  const auto opt = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  auto a = ta ? at::from_blob(const_cast<T*>(A), {M, K}, {1, lda}, opt)
+              : at::from_blob(const_cast<T*>(A), {M, K}, {lda, 1}, opt);
+  auto b = tb ? at::from_blob(const_cast<T*>(B), {K, N}, {1, ldb}, opt)
+              : at::from_blob(const_cast<T*>(B), {K, N}, {ldb, 1}, opt);
+  auto c = at::from_blob(C, {M, N}, {ldc, 1}, opt);
+  if (beta == T(0)) {
+    c.copy_(at::mm(a, b));
+  } else {
+    c.add_(at::mm(a, b));
+  }
+}
+
+template <typename T>
+void gemm_rm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb,
+             T beta, T* C, int64_t ldc) {
+  if (M == 0 || N == 0) return;
+  if (K == 0) {
+    if (beta == T(0)) {
+      for (int64_t i = 0; i < M; ++i) std::fill_n(C + i * ldc, N, T(0));
+    }
+    return;
+  }
+  // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: swap the operands.
+  const char tra = tb ? 'T' : 'N', trb = ta ? 'T' : 'N';
+  const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
+  const int la = static_cast<int>(std::max<int64_t>(ldb, 1)), lb = static_cast<int>(std::max<int64_t>(lda, 1)),
+            lc = static_cast<int>(std::max<int64_t>(ldc, 1));
+  const T one = T(1);
+#ifndef FASTNIN_MLPCONV_NO_BLAS  // (defined only to test the fallback)
+  if constexpr (std::is_same_v<T, float>) {
+    if (sgemm_ != nullptr) {
+      sgemm_(&tra, &trb, &m, &n, &k, &one, B, &la, A, &lb, &beta, C, &lc);
+      return;
+    }
+  } else {
+    if (dgemm_ != nullptr) {
+      dgemm_(&tra, &trb, &m, &n, &k, &one, B, &la, A, &lb, &beta, C, &lc);
+      return;
+    }
+  }
+#endif
+  gemm_fallback<T>(ta, tb, M, N, K, A, lda, B, ldb, beta, C, ldc);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pointwise pieces of a tile. The generic bodies are always_inline templates; the float versions
+// are leaf functions compiled for AVX-512 / AVX2 / baseline and picked at load time
+// (target_clones), since the build has no -march. double (gradcheck) uses the plain template.
+// ---------------------------------------------------------------------------------------------
+#define FASTNIN_INLINE inline __attribute__((always_inline))
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define FASTNIN_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define FASTNIN_CLONES
+#endif
+
+// z = relu(z + bias) on rows of C channels. relu keeps NaN, like torch's (v < 0 is false for NaN).
+template <typename T>
+FASTNIN_INLINE void bias_relu_impl(T* __restrict z, int64_t rows, int64_t C, int64_t ld, const T* __restrict bias) {
+  for (int64_t r = 0; r < rows; ++r) {
+    T* __restrict row = z + r * ld;
+    if (bias != nullptr) {
+      for (int64_t c = 0; c < C; ++c) {
+        const T v = row[c] + bias[c];
+        row[c] = v < T(0) ? T(0) : v;
+      }
+    } else {
+      for (int64_t c = 0; c < C; ++c) {
+        const T v = row[c];
+        row[c] = v < T(0) ? T(0) : v;
+      }
+    }
+  }
+}
+
+// g = g where h > 0, else 0 (torch's threshold_backward(g, h, 0)), rows of C channels.
+template <typename T>
+FASTNIN_INLINE void relu_mask_impl(T* __restrict g, int64_t ldg, const T* __restrict h, int64_t ldh, int64_t rows,
+                                   int64_t C) {
+  for (int64_t r = 0; r < rows; ++r) {
+    T* __restrict gr = g + r * ldg;
+    const T* __restrict hr = h + r * ldh;
+    for (int64_t c = 0; c < C; ++c) gr[c] = hr[c] > T(0) ? gr[c] : T(0);
+  }
+}
+
+// g[r, c] = h[r, c] > 0 ? scale * go[r * gstride + c] : 0. gstride = C (a map), or 0 (the same
+// row for every pixel: the GAP gradient of one image).
+template <typename T>
+FASTNIN_INLINE void masked_grad_impl(T* __restrict g, const T* __restrict go, int64_t gstride, const T* __restrict h,
+                                     int64_t rows, int64_t C, T scale) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* __restrict gr = go + r * gstride;
+    for (int64_t c = 0; c < C; ++c) g[r * C + c] = h[r * C + c] > T(0) ? gr[c] * scale : T(0);
+  }
+}
+
+// acc[c] += sum over rows of g[r, c]. The sums (bias gradients, GAP) run over up to N*Ho*Wo rows
+// one after the other: they accumulate in double so that the error does not grow with the row
+// count (float32 sums of ~1500 rows came out 5x less accurate than torch's pairwise sums).
+template <typename T>
+FASTNIN_INLINE void colsum_add_impl(const T* __restrict g, int64_t rows, int64_t C, int64_t ld,
+                                    double* __restrict acc) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* __restrict gr = g + r * ld;
+    for (int64_t c = 0; c < C; ++c) acc[c] += static_cast<double>(gr[c]);
+  }
+}
+
+template <typename T>
+FASTNIN_INLINE void add_impl(T* __restrict dst, const T* __restrict src, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] += src[i];
+}
+
+template <typename T>
+inline void bias_relu(T* z, int64_t rows, int64_t C, int64_t ld, const T* bias) {
+  bias_relu_impl(z, rows, C, ld, bias);
+}
+template <typename T>
+inline void relu_mask(T* g, int64_t ldg, const T* h, int64_t ldh, int64_t rows, int64_t C) {
+  relu_mask_impl(g, ldg, h, ldh, rows, C);
+}
+template <typename T>
+inline void masked_grad(T* g, const T* go, int64_t gstride, const T* h, int64_t rows, int64_t C, T scale) {
+  masked_grad_impl(g, go, gstride, h, rows, C, scale);
+}
+template <typename T>
+inline void colsum_add(const T* g, int64_t rows, int64_t C, int64_t ld, double* acc) {
+  colsum_add_impl(g, rows, C, ld, acc);
+}
+template <typename T>
+inline void add_to(T* dst, const T* src, int64_t n) {
+  add_impl(dst, src, n);
+}
+
+template <>
+FASTNIN_CLONES void bias_relu<float>(float* z, int64_t rows, int64_t C, int64_t ld, const float* bias) {
+  bias_relu_impl(z, rows, C, ld, bias);
+}
+template <>
+FASTNIN_CLONES void relu_mask<float>(float* g, int64_t ldg, const float* h, int64_t ldh, int64_t rows, int64_t C) {
+  relu_mask_impl(g, ldg, h, ldh, rows, C);
+}
+template <>
+FASTNIN_CLONES void masked_grad<float>(float* g, const float* go, int64_t gstride, const float* h, int64_t rows,
+                                       int64_t C, float scale) {
+  masked_grad_impl(g, go, gstride, h, rows, C, scale);
+}
+template <>
+FASTNIN_CLONES void colsum_add<float>(const float* g, int64_t rows, int64_t C, int64_t ld, double* acc) {
+  colsum_add_impl(g, rows, C, ld, acc);
+}
+template <>
+FASTNIN_CLONES void add_to<float>(float* dst, const float* src, int64_t n) {
+  add_impl(dst, src, n);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tiles. A tile is a run [q0, q1) of output pixels, q = (n * Ho + oh) * Wo + ow. Either an image
+// is cut into `tpi` tiles, or a tile holds `ipt` whole images: tiles never straddle two images
+// partially, which keeps the GAP sums and the grad_x ownership simple.
+// ---------------------------------------------------------------------------------------------
+struct Tiling {
+  int64_t N, HW;
+  int64_t tpi = 1, ipt = 1, tsize = 1, ntiles = 0;
+
+  Tiling(int64_t N_, int64_t HW_, int64_t target) : N(N_), HW(HW_) {
+    target = std::max<int64_t>(target, 1);
+    if (HW >= target) {
+      tpi = (HW + target - 1) / target;
+      tsize = (HW + tpi - 1) / tpi;  // even split of the image
+      ntiles = N * tpi;
+    } else {
+      ipt = std::max<int64_t>(1, target / HW);
+      tsize = ipt * HW;
+      ntiles = (N + ipt - 1) / ipt;
+    }
+  }
+  int64_t max_rows() const { return tsize; }
+  // pixel range of tile t
+  void range(int64_t t, int64_t& q0, int64_t& q1) const {
+    if (tpi > 1 || ipt == 1) {
+      const int64_t n = t / tpi, j = t % tpi;
+      const int64_t r0 = j * tsize, r1 = std::min(HW, r0 + tsize);
+      q0 = n * HW + r0;
+      q1 = n * HW + r1;
+    } else {
+      q0 = t * ipt * HW;
+      q1 = std::min(N, (t + 1) * ipt) * HW;
+    }
+  }
+};
+
+// Rows (output pixels) per tile. The tile's patch block P[T, K] should stay in the 2 MB L2 of a
+// core next to the weights streaming through: ~1.25 MB of P, 64 to 512 rows. Measured on this
+// machine (1 thread, thread CPU time, medians): T = 128 ran 3-4% faster than T = 64 forward and
+// backward on 32x96x16x16 5x5 96->192x3 and on 32x192x8x8 3x3 192->192->192->10; MKL's sgemm on
+// these shapes is flat (135-150 GF/s) from T = 64 to T = 512.
+int64_t tile_target(const MlpconvShape& s, int64_t elem) {
+  const int64_t K = s.kh * s.kw * s.Cin;
+  int64_t t = (int64_t(5) << 18) / std::max<int64_t>(elem * K, 1);
+  t = std::max<int64_t>(64, std::min<int64_t>(512, t));
+  return t;
+}
+
+// im2col of pixels [q0, q1) into P[T, K], (kh, kw, cin) order, zeros for the padding.
+// x is NHWC. Inside the image the kw * Cin values of one kernel row are contiguous in NHWC.
+template <typename T>
+void im2col_tile(const T* x, const MlpconvShape& s, int64_t q0, int64_t q1, T* P) {
+  const int64_t Cin = s.Cin, K = s.kh * s.kw * Cin, HoWo = s.Ho * s.Wo, rowlen = s.kw * Cin;
+  for (int64_t q = q0; q < q1; ++q) {
+    const int64_t n = q / HoWo, r = q % HoWo, oh = r / s.Wo, ow = r % s.Wo;
+    T* prow = P + (q - q0) * K;
+    const int64_t ih0 = oh * s.sh - s.ph, iw0 = ow * s.sw - s.pw;
+    const int64_t jlo = std::min(s.kw, std::max<int64_t>(0, -iw0));
+    const int64_t jhi = std::max(jlo, std::min(s.kw, s.W - iw0));
+    for (int64_t i = 0; i < s.kh; ++i) {
+      T* dst = prow + i * rowlen;
+      const int64_t ih = ih0 + i;
+      if (ih < 0 || ih >= s.H) {
+        std::fill_n(dst, rowlen, T(0));
+        continue;
+      }
+      if (jlo > 0) std::fill_n(dst, jlo * Cin, T(0));
+      if (jhi > jlo) {
+        const T* src = x + ((n * s.H + ih) * s.W + iw0 + jlo) * Cin;
+        std::memcpy(dst + jlo * Cin, src, sizeof(T) * (jhi - jlo) * Cin);
+      }
+      if (jhi < s.kw) std::fill_n(dst + jhi * Cin, (s.kw - jhi) * Cin, T(0));
+    }
+  }
+}
+
+// col2im: gx (NHWC) += the patch gradients gP[T, K] of pixels [q0, q1); padding dropped.
+template <typename T>
+void col2im_tile(const T* gP, const MlpconvShape& s, int64_t q0, int64_t q1, T* gx) {
+  const int64_t Cin = s.Cin, K = s.kh * s.kw * Cin, HoWo = s.Ho * s.Wo, rowlen = s.kw * Cin;
+  for (int64_t q = q0; q < q1; ++q) {
+    const int64_t n = q / HoWo, r = q % HoWo, oh = r / s.Wo, ow = r % s.Wo;
+    const T* prow = gP + (q - q0) * K;
+    const int64_t ih0 = oh * s.sh - s.ph, iw0 = ow * s.sw - s.pw;
+    const int64_t jlo = std::min(s.kw, std::max<int64_t>(0, -iw0));
+    const int64_t jhi = std::max(jlo, std::min(s.kw, s.W - iw0));
+    if (jhi <= jlo) continue;
+    const int64_t len = (jhi - jlo) * Cin;
+    for (int64_t i = 0; i < s.kh; ++i) {
+      const int64_t ih = ih0 + i;
+      if (ih < 0 || ih >= s.H) continue;
+      const T* src = prow + i * rowlen + jlo * Cin;
+      add_to(gx + ((n * s.H + ih) * s.W + iw0 + jlo) * Cin, src, len);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Parameters, repacked once per call in the compute type.
+// ---------------------------------------------------------------------------------------------
+template <typename acc_t>
+struct Params {
+  int64_t S = 0;
+  std::vector<int64_t> Kin;          // input width of each stage (K for stage 0)
+  std::vector<at::Tensor> Wt;        // [Kin_s, C_s]: z = a * Wt (forward)
+  std::vector<at::Tensor> W;         // [C_s, Kin_s]: g_s = g_{s+1} * W (backward), (kh, kw, cin) order
+  std::vector<at::Tensor> b;         // [C_s] or undefined
+  const acc_t* wt(int64_t i) const { return Wt[i].template data_ptr<acc_t>(); }
+  const acc_t* w(int64_t i) const { return W[i].template data_ptr<acc_t>(); }
+  const acc_t* bias(int64_t i) const { return b[i].defined() ? b[i].template data_ptr<acc_t>() : nullptr; }
+};
+
+template <typename acc_t>
+Params<acc_t> pack_params(const MlpconvShape& s, at::TensorList weights,
+                          const c10::List<std::optional<at::Tensor>>& biases, bool need_wt, bool need_w) {
+  const auto acc = c10::CppTypeToScalarType<acc_t>::value;
+  Params<acc_t> p;
+  p.S = s.stages();
+  for (int64_t i = 0; i < p.S; ++i) {
+    // [C, Cin, kh, kw] -> [C, kh, kw, Cin]: the im2col order
+    at::Tensor w = weights[i].to(acc).permute({0, 2, 3, 1});
+    const int64_t C = w.size(0), Kin = w.size(1) * w.size(2) * w.size(3);
+    p.Kin.push_back(Kin);
+    p.Wt.push_back(need_wt ? w.reshape({C, Kin}).t().contiguous() : at::Tensor());
+    p.W.push_back(need_w ? w.contiguous().view({C, Kin}) : at::Tensor());
+    const std::optional<at::Tensor> b = biases[i];
+    p.b.push_back(b.has_value() && b->defined() ? b->to(acc).contiguous() : at::Tensor());
+  }
+  return p;
+}
+
+// acc[0:n] = sum over c of acc[c*n : (c+1)*n], in chunk order (deterministic).
+template <typename T>
+void sum_chunks(T* acc, int64_t nchunks, int64_t n) {
+  if (nchunks <= 1) return;
+  at::parallel_for(0, n, 4096, [&](int64_t b, int64_t e) {
+    for (int64_t c = 1; c < nchunks; ++c) {
+      const T* src = acc + c * n;
+      for (int64_t i = b; i < e; ++i) acc[i] += src[i];
+    }
+  });
+}
+
+template <typename T>
+inline T* buf(std::vector<T>& v, int64_t n) {
+  if (static_cast<int64_t>(v.size()) < n) v.resize(n);
+  return v.data();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward
+// ---------------------------------------------------------------------------------------------
+template <typename scalar_t>
+void mlpconv_forward_impl(const MlpconvShape& s, const at::Tensor& x, at::TensorList weights,
+                          const c10::List<std::optional<at::Tensor>>& biases, bool gap, at::Tensor& out) {
+  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  const auto acc = c10::CppTypeToScalarType<acc_t>::value;
+  const int64_t S = s.stages(), N = s.N, HW = s.Ho * s.Wo, Cout = s.Cout();
+  const int64_t K = s.kh * s.kw * s.Cin;
+  const bool pointwise = s.kh == 1 && s.kw == 1 && s.sh == 1 && s.sw == 1 && s.ph == 0 && s.pw == 0;
+
+  const at::Tensor xc = x.to(acc).contiguous(at::MemoryFormat::ChannelsLast);  // NHWC
+  const acc_t* xp = xc.data_ptr<acc_t>();
+  const Params<acc_t> prm = pack_params<acc_t>(s, weights, biases, /*wt=*/true, /*w=*/false);
+
+  const Tiling tl(N, HW, tile_target(s, sizeof(acc_t)));
+  const bool out_nhwc = !gap && out.is_contiguous(at::MemoryFormat::ChannelsLast);
+  // Writing the last stage straight into the output saves a copy when it has the compute type.
+  const bool direct = out_nhwc && std::is_same_v<scalar_t, acc_t>;
+  scalar_t* op = out.data_ptr<scalar_t>();
+  // GAP: per-tile partial sums when images are cut into several tiles, reduced in tile order.
+  std::vector<double> gap_part(gap ? tl.ntiles * Cout * (tl.tpi > 1 ? 1 : tl.ipt) : 0);
+
+  at::parallel_for(0, tl.ntiles, 1, [&](int64_t tb, int64_t te) {
+    std::vector<acc_t> Pv, Av, Bv;
+    const int64_t T = tl.max_rows();
+    acc_t* P = pointwise ? nullptr : buf(Pv, T * K);
+    acc_t* hA = buf(Av, T * s.max_channels());
+    acc_t* hB = buf(Bv, T * s.max_channels());
+    for (int64_t t = tb; t < te; ++t) {
+      int64_t q0, q1;
+      tl.range(t, q0, q1);
+      const int64_t rows = q1 - q0;
+      const acc_t* a = nullptr;
+      if (pointwise) {
+        a = xp + q0 * s.Cin;
+      } else {
+        im2col_tile(xp, s, q0, q1, P);
+        a = P;
+      }
+      int64_t kin = K;
+      for (int64_t i = 0; i < S; ++i) {
+        const int64_t C = s.C[i];
+        acc_t* z = (i % 2 == 0) ? hA : hB;
+        int64_t ldz = C;
+        if (i == S - 1 && direct) {
+          z = reinterpret_cast<acc_t*>(op) + q0 * Cout;
+        }
+        gemm_rm<acc_t>(false, false, rows, C, kin, a, kin, prm.wt(i), C, acc_t(0), z, ldz);
+        bias_relu(z, rows, C, ldz, prm.bias(i));
+        a = z;
+        kin = C;
+      }
+      // a: the tile's [rows, Cout] result
+      if (gap) {
+        double* part = gap_part.data() + t * Cout * (tl.tpi > 1 ? 1 : tl.ipt);
+        if (tl.tpi > 1) {
+          std::fill_n(part, Cout, 0.0);
+          colsum_add(a, rows, Cout, Cout, part);
+        } else {
+          const int64_t nimg = rows / HW;
+          for (int64_t j = 0; j < nimg; ++j) {
+            std::fill_n(part + j * Cout, Cout, 0.0);
+            colsum_add(a + j * HW * Cout, HW, Cout, Cout, part + j * Cout);
+          }
+        }
+      } else if (direct) {
+        // already in place
+      } else if (out_nhwc) {
+        scalar_t* dst = op + q0 * Cout;
+        for (int64_t e = 0; e < rows * Cout; ++e) dst[e] = static_cast<scalar_t>(a[e]);
+      } else {
+        // NCHW: transpose the tile on the way out, one image run at a time
+        int64_t q = q0;
+        while (q < q1) {
+          const int64_t n = q / HW, r0 = q % HW, r1 = std::min(HW, r0 + (q1 - q));
+          for (int64_t c = 0; c < Cout; ++c) {
+            scalar_t* dst = op + (n * Cout + c) * HW;
+            const acc_t* src = a + (q - q0) * Cout + c;
+            for (int64_t r = r0; r < r1; ++r) dst[r] = static_cast<scalar_t>(src[(r - r0) * Cout]);
+          }
+          q += r1 - r0;
+        }
+      }
+    }
+  });
+
+  if (gap) {
+    const double hw = static_cast<double>(HW);
+    for (int64_t n = 0; n < N; ++n) {
+      scalar_t* dst = op + n * Cout;
+      if (tl.tpi > 1) {
+        for (int64_t c = 0; c < Cout; ++c) {
+          double sum = 0;
+          for (int64_t j = 0; j < tl.tpi; ++j) sum += gap_part[(n * tl.tpi + j) * Cout + c];
+          dst[c] = static_cast<scalar_t>(sum / hw);
+        }
+      } else {
+        const double* src = gap_part.data() + n * Cout;  // tiles of ipt images are laid out in image order
+        for (int64_t c = 0; c < Cout; ++c) dst[c] = static_cast<scalar_t>(src[c] / hw);
+      }
+    }
+  }
+}
+
+at::Tensor mlpconv_cpu(const at::Tensor& x, at::TensorList weights, const c10::List<std::optional<at::Tensor>>& biases,
+                       at::IntArrayRef stride, at::IntArrayRef padding, bool gap) {
+  const MlpconvShape s = fastnin::check_mlpconv_args(x, weights, biases, stride, padding);
+  TORCH_CHECK_VALUE(x.device().is_cpu(), "mlpconv: x must be a CPU tensor for the CPU kernel, got ", x.device());
+  const int64_t K = s.kh * s.kw * s.Cin;
+  TORCH_CHECK(K <= INT_MAX && s.max_channels() <= INT_MAX, "mlpconv: kh*kw*Cin = ", K, " is too large");
+  at::Tensor out;
+  if (gap) {
+    out = at::empty({s.N, s.Cout()}, x.options());
+  } else {
+    const auto fmt = fastnin::mlpconv_output_format(x, weights[0]);
+    out = at::empty({s.N, s.Cout(), s.Ho, s.Wo}, x.options().memory_format(fmt));
+  }
+  if (out.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mlpconv_cpu", [&] {
+    mlpconv_forward_impl<scalar_t>(s, x, weights, biases, gap, out);
+  });
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward
+// ---------------------------------------------------------------------------------------------
+template <typename scalar_t>
+void mlpconv_backward_impl(const MlpconvShape& s, const at::Tensor& grad_out, const at::Tensor& x,
+                           at::TensorList weights, const c10::List<std::optional<at::Tensor>>& biases,
+                           const at::Tensor& out /* undefined if not given */, bool gap, bool need_x, bool need_w,
+                           bool need_b, at::Tensor& grad_x, std::vector<at::Tensor>& grad_w,
+                           std::vector<at::Tensor>& grad_b) {
+  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  const auto acc = c10::CppTypeToScalarType<acc_t>::value;
+  const int64_t S = s.stages(), N = s.N, HW = s.Ho * s.Wo, Cout = s.Cout(), Cin = s.Cin;
+  const int64_t K = s.kh * s.kw * Cin, Cmax = s.max_channels();
+  const bool pointwise = s.kh == 1 && s.kw == 1 && s.sh == 1 && s.sw == 1 && s.ph == 0 && s.pw == 0;
+  const bool use_out = out.defined() && !gap;
+  // Recompute h_1..h_S from x, except the last stage when `out` gives its ReLU mask.
+  const int64_t n_recompute = use_out ? S - 1 : S;
+  // P is needed to recompute stage 0, and for gW_0.
+  const bool need_P = n_recompute > 0 || need_w;
+
+  const at::Tensor xc = x.to(acc).contiguous(at::MemoryFormat::ChannelsLast);
+  const acc_t* xp = xc.data_ptr<acc_t>();
+  const Params<acc_t> prm = pack_params<acc_t>(s, weights, biases, /*wt=*/n_recompute > 0, /*w=*/true);
+
+  // grad_out as [N*HW, Cout] rows (or [N, Cout] for gap), compute type
+  const at::Tensor go =
+      gap ? grad_out.to(acc).contiguous() : grad_out.to(acc).contiguous(at::MemoryFormat::ChannelsLast);
+  const acc_t* gop = go.data_ptr<acc_t>();
+  at::Tensor oc;
+  const acc_t* outp = nullptr;
+  if (use_out) {
+    oc = out.to(acc).contiguous(at::MemoryFormat::ChannelsLast);
+    outp = oc.data_ptr<acc_t>();
+  }
+
+  const Tiling tl(N, HW, tile_target(s, sizeof(acc_t)));
+  const int64_t nchunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tl.ntiles));
+  // One chunk of consecutive tiles per thread. grad_x can be shared by all chunks when no image
+  // is split between two chunks (tiles of whole images, or chunk boundaries on image
+  // boundaries): patches of different images never overlap. Otherwise (fewer images than
+  // threads, each cut into tiles) every chunk accumulates into its own copy.
+  std::vector<int64_t> bounds(nchunks + 1);
+  const bool by_image = tl.tpi > 1 && N >= nchunks;
+  for (int64_t c = 0; c <= nchunks; ++c) {
+    if (by_image) {
+      const int64_t n = (c * N) / nchunks;
+      bounds[c] = n * tl.tpi;
+    } else {
+      bounds[c] = (c * tl.ntiles) / nchunks;
+    }
+  }
+  const bool shared_gx = tl.tpi == 1 || by_image || nchunks == 1;
+
+  // grad_x accumulators (NHWC, compute type)
+  const int64_t xnumel = N * s.H * s.W * Cin;
+  const bool gx_direct = need_x && shared_gx && std::is_same_v<scalar_t, acc_t> &&
+                         grad_x.is_contiguous(at::MemoryFormat::ChannelsLast);
+  at::Tensor gx_acc;
+  if (need_x) {
+    if (gx_direct) {
+      grad_x.zero_();
+      gx_acc = grad_x;
+    } else {
+      gx_acc = at::zeros({shared_gx ? 1 : nchunks, xnumel}, x.options().dtype(acc));
+    }
+  }
+  // weight / bias gradient accumulators per chunk
+  int64_t wsize = 0, bsize = 0;
+  std::vector<int64_t> woff(S), boff(S);
+  for (int64_t i = 0; i < S; ++i) {
+    woff[i] = wsize;
+    boff[i] = bsize;
+    wsize += s.C[i] * prm.Kin[i];
+    bsize += s.C[i];
+  }
+  std::vector<acc_t> gw_acc(need_w ? nchunks * wsize : 0, acc_t(0));
+  std::vector<double> gb_acc(need_b ? nchunks * bsize : 0, 0.0);
+
+  at::parallel_for(0, nchunks, 1, [&](int64_t cb, int64_t ce) {
+    const int64_t T = tl.max_rows();
+    std::vector<acc_t> Pv, Hv, Gv0, Gv1;
+    acc_t* P = need_P && !pointwise ? buf(Pv, T * K) : nullptr;
+    // h_1 .. h_{S-1} (and h_S when recomputed), each [T, C_s]
+    acc_t* H = buf(Hv, T * Cmax * S);
+    acc_t* G0 = buf(Gv0, T * Cmax);
+    acc_t* G1 = buf(Gv1, T * Cmax);
+    // gP: reuses P's buffer once gW_0 is done, or its own when P is not needed
+    std::vector<acc_t> GPv;
+    for (int64_t c = cb; c < ce; ++c) {
+      acc_t* gw = need_w ? gw_acc.data() + c * wsize : nullptr;
+      double* gb = need_b ? gb_acc.data() + c * bsize : nullptr;
+      acc_t* gx = need_x ? gx_acc.data_ptr<acc_t>() + (shared_gx || gx_direct ? 0 : c * xnumel) : nullptr;
+      for (int64_t t = bounds[c]; t < bounds[c + 1]; ++t) {
+        int64_t q0, q1;
+        tl.range(t, q0, q1);
+        const int64_t rows = q1 - q0;
+        // stage inputs a_s: a_0 = P, a_s = h_s
+        const acc_t* a[4] = {nullptr, nullptr, nullptr, nullptr};
+        if (need_P) {
+          if (pointwise) {
+            a[0] = xp + q0 * Cin;
+          } else {
+            im2col_tile(xp, s, q0, q1, P);
+            a[0] = P;
+          }
+        }
+        for (int64_t i = 0; i < n_recompute; ++i) {
+          acc_t* z = H + i * T * Cmax;
+          gemm_rm<acc_t>(false, false, rows, s.C[i], prm.Kin[i], a[i], prm.Kin[i], prm.wt(i), s.C[i], acc_t(0), z,
+                         s.C[i]);
+          bias_relu(z, rows, s.C[i], s.C[i], prm.bias(i));
+          a[i + 1] = z;
+        }
+        // g_S = grad_out * (h_S > 0)
+        acc_t* g = G0;
+        acc_t* gnext = G1;
+        const acc_t* hS = use_out ? outp + q0 * Cout : a[S];
+        if (gap) {
+          // d mean / d pixel = 1 / (Ho * Wo), one grad_out row per image
+          const acc_t inv = acc_t(1) / static_cast<acc_t>(HW);
+          for (int64_t r = 0; r < rows;) {
+            const int64_t n = (q0 + r) / HW, r1 = std::min(rows, (n + 1) * HW - q0);
+            masked_grad(g + r * Cout, gop + n * Cout, int64_t(0), hS + r * Cout, r1 - r, Cout, inv);
+            r = r1;
+          }
+        } else {
+          masked_grad(g, gop + q0 * Cout, Cout, hS, rows, Cout, acc_t(1));
+        }
+        for (int64_t i = S - 1; i >= 0; --i) {
+          const int64_t C = s.C[i], Kin = prm.Kin[i];
+          if (need_b) colsum_add(g, rows, C, C, gb + boff[i]);
+          if (need_w) {
+            // gW_i[C, Kin] += g^T a_i
+            gemm_rm<acc_t>(true, false, C, Kin, rows, g, C, a[i], Kin, acc_t(1), gw + woff[i], Kin);
+          }
+          if (i > 0) {
+            // g_i = (g W_i) * (h_i > 0)
+            gemm_rm<acc_t>(false, false, rows, Kin, C, g, C, prm.w(i), Kin, acc_t(0), gnext, Kin);
+            relu_mask(gnext, Kin, a[i], Kin, rows, Kin);
+            std::swap(g, gnext);
+          } else if (need_x) {
+            acc_t* gP = (P != nullptr) ? P : buf(GPv, T * K);
+            gemm_rm<acc_t>(false, false, rows, K, C, g, C, prm.w(0), K, acc_t(0), gP, K);
+            col2im_tile(gP, s, q0, q1, gx);
+          }
+        }
+      }
+    }
+  });
+
+  // Reduce the per-chunk accumulators in chunk order and write the results.
+  if (need_w) {
+    sum_chunks(gw_acc.data(), nchunks, wsize);
+    for (int64_t i = 0; i < S; ++i) {
+      const auto& w = weights[i];
+      at::Tensor src = at::from_blob(gw_acc.data() + woff[i], {w.size(0), w.size(2), w.size(3), w.size(1)},
+                                     at::TensorOptions().dtype(acc))
+                           .permute({0, 3, 1, 2});
+      grad_w[i].copy_(src);
+    }
+  }
+  if (need_b) {
+    sum_chunks(gb_acc.data(), nchunks, bsize);
+    for (int64_t i = 0; i < S; ++i) {
+      if (grad_b[i].numel() == 0) continue;  // None bias
+      grad_b[i].copy_(at::from_blob(gb_acc.data() + boff[i], {s.C[i]}, at::TensorOptions().dtype(at::kDouble)));
+    }
+  }
+  if (need_x && !gx_direct) {
+    if (!shared_gx) sum_chunks(gx_acc.data_ptr<acc_t>(), nchunks, xnumel);
+    grad_x.copy_(gx_acc[0].view({N, s.H, s.W, Cin}).permute({0, 3, 1, 2}));
+  }
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlpconv_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& x, at::TensorList weights,
+    const c10::List<std::optional<at::Tensor>>& biases, const std::optional<at::Tensor>& out, at::IntArrayRef stride,
+    at::IntArrayRef padding, bool gap, std::array<bool, 3> output_mask) {
+  const MlpconvShape s = fastnin::check_mlpconv_args(x, weights, biases, stride, padding);
+  TORCH_CHECK_VALUE(x.device().is_cpu(), "mlpconv_backward: x must be a CPU tensor for the CPU kernel, got ",
+                    x.device());
+  fastnin::check_same(grad_out, x, "mlpconv_backward", "grad_out");
+  if (gap) {
+    TORCH_CHECK_VALUE(grad_out.dim() == 2 && grad_out.size(0) == s.N && grad_out.size(1) == s.Cout(),
+                      "mlpconv_backward: grad_out must have shape [", s.N, ", ", s.Cout(), "], got ",
+                      grad_out.sizes());
+  } else {
+    TORCH_CHECK_VALUE(grad_out.dim() == 4 && grad_out.size(0) == s.N && grad_out.size(1) == s.Cout() &&
+                          grad_out.size(2) == s.Ho && grad_out.size(3) == s.Wo,
+                      "mlpconv_backward: grad_out must have shape [", s.N, ", ", s.Cout(), ", ", s.Ho, ", ", s.Wo,
+                      "], got ", grad_out.sizes());
+  }
+  at::Tensor out_t;
+  if (out.has_value() && out->defined() && !gap) {
+    out_t = *out;
+    fastnin::check_same(out_t, x, "mlpconv_backward", "out");
+    TORCH_CHECK_VALUE(out_t.sizes() == grad_out.sizes(), "mlpconv_backward: out must have shape ", grad_out.sizes(),
+                      ", got ", out_t.sizes());
+  }
+  const int64_t K = s.kh * s.kw * s.Cin;
+  TORCH_CHECK(K <= INT_MAX && s.max_channels() <= INT_MAX, "mlpconv: kh*kw*Cin = ", K, " is too large");
+  const bool need_x = output_mask[0], need_w = output_mask[1], need_b = output_mask[2];
+  const int64_t S = s.stages();
+
+  const auto gx_fmt = fastnin::mlpconv_output_format(x, weights[0]);
+  at::Tensor grad_x = need_x ? at::empty(x.sizes(), x.options().memory_format(gx_fmt)) : at::empty({0}, x.options());
+  std::vector<at::Tensor> grad_w, grad_b;
+  if (need_w) {
+    for (int64_t i = 0; i < S; ++i) grad_w.push_back(at::empty_like(weights[i]));
+  }
+  if (need_b) {
+    for (int64_t i = 0; i < S; ++i) {
+      const std::optional<at::Tensor> b = biases[i];
+      grad_b.push_back(b.has_value() && b->defined() ? at::empty_like(*b) : at::empty({0}, x.options()));
+    }
+  }
+  if (!need_x && !need_w && !need_b) return {grad_x, grad_w, grad_b};
+  // Empty problems: every gradient is zero (or empty).
+  if (s.N == 0 || grad_out.numel() == 0) {
+    if (need_x) grad_x.zero_();
+    for (auto& g : grad_w) g.zero_();
+    for (auto& g : grad_b) g.zero_();
+    return {grad_x, grad_w, grad_b};
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mlpconv_backward_cpu", [&] {
+    mlpconv_backward_impl<scalar_t>(s, grad_out, x, weights, biases, out_t, gap, need_x, need_w, need_b, grad_x,
+                                    grad_w, grad_b);
+  });
+  return {grad_x, grad_w, grad_b};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastnin, CPU, m) {
+  m.impl("mlpconv", &mlpconv_cpu);
+  m.impl("mlpconv_backward", &mlpconv_backward_cpu);
+}

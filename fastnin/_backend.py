@@ -1,0 +1,138 @@
+"""Which implementation serves an op: the backend registry.
+
+Names:
+  "auto"    the native kernel for the tensor's device: "cpu" for CPU tensors; "cuda" for CUDA
+            tensors when fastnin._C was built with CUDA, else "triton"; "torch" on other devices.
+  "cpu"     the C++ kernels of csrc/cpu (CPU tensors only).
+  "cuda"    the CUDA C++ kernels of csrc/cuda (CUDA tensors, when built with CUDA).
+  "triton"  the Triton kernels of fastnin/triton (CUDA tensors; CPU tensors under TRITON_INTERPRET=1).
+  "torch"   the plain torch composition of fastnin/reference.py (any device).
+
+The default comes from the environment variable FASTNIN_BACKEND (else "auto"); set_backend()
+changes it for the process, use_backend() for the current thread / context only. A backend that
+cannot serve a tensor raises RuntimeError: fastnin never falls back silently.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import os
+
+import torch
+
+BACKENDS = ("auto", "cpu", "cuda", "triton", "torch")
+
+
+def _check_name(name: str) -> str:
+    if not isinstance(name, str) or name not in BACKENDS:
+        raise ValueError(f"fastnin: unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
+    return name
+
+
+_default = _check_name(os.environ.get("FASTNIN_BACKEND", "auto").strip() or "auto")
+# A ContextVar, not a global, so that use_backend() in one thread does not change another's;
+# torch.compile guards on its value.
+_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastnin_backend", default=None)
+
+
+def set_backend(name: str) -> None:
+    """Set the process-wide default backend (one of BACKENDS)."""
+    global _default
+    _default = _check_name(name)
+
+
+def get_backend() -> str:
+    """The backend in force here: use_backend()'s if inside one, else set_backend()'s."""
+    return _override.get() or _default
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Context manager: run the enclosed ops on backend `name` (this thread / context only)."""
+    token = _override.set(_check_name(name))
+    try:
+        yield
+    finally:
+        _override.reset(token)
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_kernels_built() -> bool:
+    """Whether fastnin._C carries the CUDA kernels."""
+    from . import _C  # noqa: F401
+
+    return torch._C._dispatch_has_kernel_for_dispatch_key("fastnin::lrn", "CUDA")
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_import_error() -> str | None:
+    try:
+        import triton  # noqa: F401
+    except Exception as e:  # ImportError, or a broken install
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def load_triton():
+    """Import fastnin.triton, which registers the torch.ops.fastnin_triton.* ops."""
+    err = _triton_import_error()
+    if err is not None:
+        raise RuntimeError(f"fastnin: backend 'triton' needs the triton package ({err})")
+    from . import triton as triton_backend
+
+    return triton_backend
+
+
+def available_backends() -> list[str]:
+    """The backends this build and machine can run, besides "auto"."""
+    names = ["cpu"]
+    if cuda_kernels_built() and torch.cuda.is_available():
+        names.append("cuda")
+    if _triton_import_error() is None and (torch.cuda.is_available() or triton_interpreting()):
+        names.append("triton")
+    names.append("torch")
+    return names
+
+
+def backend_for(x: torch.Tensor, op: str) -> str:
+    """Resolve the backend in force for an op on tensor `x`; raise if it cannot serve `x`."""
+    name = get_backend()
+    dev = x.device.type
+    if name == "auto":
+        if dev == "cpu":
+            return "cpu"
+        if dev == "cuda":
+            return "cuda" if cuda_kernels_built() else _need_triton(op, dev)
+        return "torch"
+    if name == "cpu" and dev != "cpu":
+        raise RuntimeError(f"fastnin.{op}: backend 'cpu' cannot serve a tensor on {x.device}")
+    if name == "cuda":
+        if dev != "cuda":
+            raise RuntimeError(f"fastnin.{op}: backend 'cuda' cannot serve a tensor on {x.device}")
+        if not cuda_kernels_built():
+            raise RuntimeError(
+                f"fastnin.{op}: backend 'cuda' is not available: fastnin._C was built without CUDA "
+                "(reinstall with a CUDA toolkit, or FASTNIN_CUDA=1)"
+            )
+    if name == "triton":
+        return _need_triton(op, dev)
+    return name
+
+
+def _need_triton(op: str, dev: str) -> str:
+    load_triton()
+    if dev == "cuda" or (dev == "cpu" and triton_interpreting()):
+        return "triton"
+    if dev == "cpu":
+        raise RuntimeError(
+            f"fastnin.{op}: backend 'triton' cannot serve a CPU tensor unless TRITON_INTERPRET=1 "
+            "(the Triton interpreter) is set before fastnin is imported"
+        )
+    raise RuntimeError(f"fastnin.{op}: backend 'triton' cannot serve a tensor on device type {dev!r}")

@@ -1,0 +1,414 @@
+"""fastnin's functional API, and the autograd and fake (meta) rules of its ops.
+
+    mlpconv(x, weights, biases, stride, padding, gap=False)   Tensor[N, Cin, H, W] -> Tensor[N, Cout, Ho, Wo]
+    local_response_norm(x, size, alpha, beta, k)              Tensor[N, C, *] -> same shape
+    global_avg_pool2d(x)                                      Tensor[N, C, H, W] -> Tensor[N, C]
+
+Each function validates its arguments here, once, with the same messages for every backend, then
+runs the backend in force (fastnin.set_backend / use_backend / FASTNIN_BACKEND; see _backend.py):
+the C++ ops torch.ops.fastnin.* (CPU and CUDA kernels, picked by the dispatcher), the Triton ops
+torch.ops.fastnin_triton.*, or the plain torch composition of reference.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from . import _C  # noqa: F401  (registers the torch.ops.fastnin.* schemas and native kernels)
+from . import reference
+from ._backend import backend_for, load_triton
+
+__all__ = ["mlpconv", "local_response_norm", "global_avg_pool2d"]
+
+_FLOATING = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+# ----------------------------------------------------------------------------------------------
+# Argument checks. The C++ entry points (csrc/checks.h) repeat them with the same messages.
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_tensor(t, op: str, name: str) -> None:
+    if not isinstance(t, Tensor):
+        raise ValueError(f"{op}: {name} must be a Tensor, got {type(t).__name__}")
+
+
+def _check_floating(t: Tensor, op: str, name: str) -> None:
+    if t.dtype not in _FLOATING:
+        raise ValueError(
+            f"{op}: {name} must be a floating-point tensor (float32, float16, bfloat16 or float64), got {t.dtype}"
+        )
+
+
+def _check_like_x(t: Tensor, x: Tensor, op: str, name: str) -> None:
+    if t.device != x.device:
+        raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}")
+    if t.dtype != x.dtype:
+        raise ValueError(f"{op}: {name} has dtype {t.dtype} but x has {x.dtype}")
+
+
+def _pair(v, op: str, name: str) -> tuple[int, int]:
+    if isinstance(v, (bool, float)) or (not isinstance(v, int) and not isinstance(v, Sequence)):
+        raise ValueError(f"{op}: {name} must be an int or a pair of ints, got {v!r}")
+    if isinstance(v, int):
+        return (v, v)
+    if len(v) != 2 or not all(isinstance(e, int) and not isinstance(e, bool) for e in v):
+        raise ValueError(f"{op}: {name} must be an int or a pair of ints, got {v!r}")
+    return (int(v[0]), int(v[1]))
+
+
+def mlpconv_output_size(h: int, w: int, kh: int, kw: int, stride, padding) -> tuple[int, int]:
+    return ((h + 2 * padding[0] - kh) // stride[0] + 1, (w + 2 * padding[1] - kw) // stride[1] + 1)
+
+
+def check_mlpconv_args(x, weights, biases, stride, padding):
+    """Validate and normalize mlpconv's arguments.
+
+    Returns (weights: list, biases: list of Tensor|None, stride: (int, int), padding: (int, int), (Ho, Wo)).
+    Raises ValueError naming the offending argument.
+    """
+    op = "mlpconv"
+    _check_tensor(x, op, "x")
+    if x.dim() != 4:
+        raise ValueError(f"{op}: x must be a 4-D tensor [N, C, H, W], got {x.dim()}-D")
+    _check_floating(x, op, "x")
+    if isinstance(weights, Tensor) or not isinstance(weights, Sequence):
+        raise ValueError(f"{op}: weights must be a list of 1 to 3 tensors, got {type(weights).__name__}")
+    weights = list(weights)
+    if not 1 <= len(weights) <= 3:
+        raise ValueError(f"{op}: expected 1 to 3 weights, got {len(weights)}")
+    if biases is None:
+        biases = [None] * len(weights)
+    elif isinstance(biases, Tensor) or not isinstance(biases, Sequence):
+        raise ValueError(f"{op}: biases must be a list of tensors or None, got {type(biases).__name__}")
+    biases = list(biases)
+    if len(biases) != len(weights):
+        raise ValueError(f"{op}: got {len(weights)} weights but {len(biases)} biases")
+    stride = _pair(stride, op, "stride")
+    padding = _pair(padding, op, "padding")
+    if min(stride) < 1:
+        raise ValueError(f"{op}: stride must be >= 1, got {list(stride)}")
+    if min(padding) < 0:
+        raise ValueError(f"{op}: padding must be >= 0, got {list(padding)}")
+    prev = x.shape[1]
+    for i, (w, b) in enumerate(zip(weights, biases)):
+        name = f"weights[{i}]"
+        _check_tensor(w, op, name)
+        if w.dim() != 4:
+            raise ValueError(f"{op}: {name} must be a 4-D tensor [Cout, Cin, kh, kw], got {w.dim()}-D")
+        _check_like_x(w, x, op, name)
+        if i > 0 and (w.shape[2] != 1 or w.shape[3] != 1):
+            raise ValueError(f"{op}: {name} must be 1x1, got {w.shape[2]}x{w.shape[3]}")
+        if w.shape[1] != prev:
+            src = "x" if i == 0 else f"weights[{i - 1}]"
+            what = "channels" if i == 0 else "output channels"
+            raise ValueError(f"{op}: {name} has {w.shape[1]} input channels but {src} has {prev} {what}")
+        if w.shape[0] < 1:
+            raise ValueError(f"{op}: {name} must have at least one output channel")
+        if b is not None:
+            bname = f"biases[{i}]"
+            _check_tensor(b, op, bname)
+            _check_like_x(b, x, op, bname)
+            if b.dim() != 1 or b.shape[0] != w.shape[0]:
+                raise ValueError(f"{op}: {bname} must have shape [{w.shape[0]}], got {list(b.shape)}")
+        prev = w.shape[0]
+    kh, kw = weights[0].shape[2], weights[0].shape[3]
+    if kh < 1 or kw < 1:
+        raise ValueError(f"{op}: weights[0] has an empty kernel {kh}x{kw}")
+    h, w_ = x.shape[2], x.shape[3]
+    ho, wo = mlpconv_output_size(h, w_, kh, kw, stride, padding)
+    if h + 2 * padding[0] < kh or w_ + 2 * padding[1] < kw or ho < 1 or wo < 1:
+        ho_s = ho if h + 2 * padding[0] >= kh else 0
+        wo_s = wo if w_ + 2 * padding[1] >= kw else 0
+        raise ValueError(
+            f"{op}: output size would be {ho_s}x{wo_s} (input {h}x{w_}, kernel {kh}x{kw}, stride {list(stride)}, "
+            f"padding {list(padding)}): the kernel is larger than the padded input"
+        )
+    return weights, biases, stride, padding, (ho, wo)
+
+
+def check_lrn_args(x, size, alpha, beta, k) -> None:
+    op = "lrn"
+    _check_tensor(x, op, "x")
+    if x.dim() < 3:
+        raise ValueError(f"{op}: x must have at least 3 dimensions [N, C, *], got {x.dim()}-D")
+    _check_floating(x, op, "x")
+    if isinstance(size, bool) or not isinstance(size, int):
+        raise ValueError(f"{op}: size must be an int, got {size!r}")
+    if size < 1:
+        raise ValueError(f"{op}: size must be >= 1, got {size}")
+    for name, v in (("alpha", alpha), ("beta", beta), ("k", k)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ValueError(f"{op}: {name} must be a number, got {v!r}")
+
+
+def check_gap_args(x) -> None:
+    op = "gap"
+    _check_tensor(x, op, "x")
+    if x.dim() != 4:
+        raise ValueError(f"{op}: x must be a 4-D tensor [N, C, H, W], got {x.dim()}-D")
+    _check_floating(x, op, "x")
+    if x.shape[2] < 1 or x.shape[3] < 1:
+        raise ValueError(f"{op}: x must have a non-empty spatial size, got {x.shape[2]}x{x.shape[3]}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Output layouts, shared by the fake kernels here and the Triton launchers. They match what torch
+# returns for the same layer and what the C++ kernels allocate (csrc/checks.h).
+# ----------------------------------------------------------------------------------------------
+
+
+def suggest_memory_format(t: Tensor) -> torch.memory_format:
+    return torch._prims_common.suggest_memory_format(t)
+
+
+def mlpconv_output_format(x: Tensor, w0: Tensor) -> torch.memory_format:
+    """torch's convolutions return channels_last when the input or the weight suggests it."""
+    if suggest_memory_format(x) == torch.channels_last or suggest_memory_format(w0) == torch.channels_last:
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def empty_mlpconv_output(x: Tensor, weights: Sequence[Tensor], stride, padding, gap: bool) -> Tensor:
+    n = x.shape[0]
+    cout = weights[-1].shape[0]
+    if gap:
+        return x.new_empty((n, cout))
+    ho, wo = mlpconv_output_size(x.shape[2], x.shape[3], weights[0].shape[2], weights[0].shape[3], stride, padding)
+    fmt = mlpconv_output_format(x, weights[0])
+    return torch.empty((n, cout, ho, wo), dtype=x.dtype, device=x.device, memory_format=fmt)
+
+
+def empty_mlpconv_grads(x, weights, biases, output_mask):
+    """The (grad_x, grad_weights, grad_biases) that mlpconv_backward returns, unfilled."""
+    need_x, need_w, need_b = output_mask
+    if need_x:
+        gx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=mlpconv_output_format(x, weights[0]))
+    else:
+        gx = x.new_empty((0,))
+    gws = [torch.empty_like(w) for w in weights] if need_w else []
+    gbs = [torch.empty_like(b) if b is not None else x.new_empty((0,)) for b in biases] if need_b else []
+    return gx, gws, gbs
+
+
+def lrn_output_format(x: Tensor) -> torch.memory_format:
+    """LRN (and its gradient) come out channels_last for a 4-D channels_last input, else contiguous."""
+    if x.dim() == 4 and suggest_memory_format(x) == torch.channels_last:
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def empty_lrn_output(x: Tensor) -> Tensor:
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=lrn_output_format(x))
+
+
+# ----------------------------------------------------------------------------------------------
+# The public functions
+# ----------------------------------------------------------------------------------------------
+
+
+def _fill_missing_biases(biases: list, weights: list) -> list:
+    """Replace None biases by zeros when the others need gradients.
+
+    torch's autograd for a Tensor?[] argument treats a list that holds a None as one opaque value:
+    the tensors in it then get no gradient at all (biases=[b0, None] would leave b0.grad None). A
+    zero bias adds nothing to the result and its gradient is dropped.
+    """
+    if all(b is not None for b in biases) or all(b is None for b in biases):
+        return biases
+    if not (torch.is_grad_enabled() and any(b is not None and b.requires_grad for b in biases)):
+        return biases
+    return [b if b is not None else w.new_zeros(w.shape[0]) for b, w in zip(biases, weights)]
+
+
+def mlpconv(
+    x: Tensor,
+    weights: Sequence[Tensor],
+    biases: Sequence[Tensor | None] | None = None,
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] = 0,
+    *,
+    gap: bool = False,
+) -> Tensor:
+    """The NiN mlpconv block, fused: a KxK convolution then up to two 1x1 convolutions, each
+    followed by bias and ReLU, without writing the intermediate activations to memory.
+
+    Args:
+        x: Tensor[N, Cin, H, W] (contiguous or channels_last; float32, float16, bfloat16, float64).
+        weights: 1 to 3 tensors. weights[0] is Tensor[C1, Cin, kh, kw]; weights[i > 0] is
+            Tensor[C(i+1), Ci, 1, 1].
+        biases: as many Tensor[Ci] or None as weights (or None for no biases at all).
+        stride, padding: of the KxK convolution, an int or a pair (zero padding).
+        gap: average the last stage over H and W (the last NiN block with global average pooling);
+            the [N, Cout, Ho, Wo] map is then never written.
+
+    Returns:
+        relu(conv1x1(relu(conv1x1(relu(conv2d(x, w0, b0, stride, padding)), w1, b1)), w2, b2)):
+        Tensor[N, Cout, Ho, Wo] with Ho = (H + 2*ph - kh) // sh + 1 (channels_last when x or
+        weights[0] is), or Tensor[N, Cout] with gap=True.
+    """
+    weights, biases, stride, padding, _ = check_mlpconv_args(x, weights, biases, stride, padding)
+    gap = bool(gap)
+    backend = backend_for(x, "mlpconv")
+    if backend == "torch":
+        return reference.mlpconv(x, weights, biases, stride, padding, gap)
+    biases = _fill_missing_biases(biases, weights)
+    if backend == "triton":
+        load_triton()
+        return torch.ops.fastnin_triton.mlpconv(x, weights, biases, list(stride), list(padding), gap)
+    return torch.ops.fastnin.mlpconv(x, weights, biases, list(stride), list(padding), gap)
+
+
+def local_response_norm(x: Tensor, size: int, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0) -> Tensor:
+    """Local response normalization across channels, as torch.nn.functional.local_response_norm:
+
+        y[n, c] = x[n, c] / (k + alpha / size * sum_{c' = c - size//2}^{c + (size-1)//2} x[n, c']^2) ** beta
+
+    with channels outside [0, C) counting as zero (alpha is divided by size, the Caffe convention).
+
+    Args:
+        x: Tensor[N, C, *] of rank >= 3 (float32, float16, bfloat16, float64).
+    Returns:
+        Tensor of x's shape (and layout, when x is dense).
+    """
+    check_lrn_args(x, size, alpha, beta, k)
+    backend = backend_for(x, "local_response_norm")
+    if backend == "torch":
+        return reference.local_response_norm(x, size, alpha, beta, k)
+    if backend == "triton":
+        load_triton()
+        return torch.ops.fastnin_triton.lrn(x, size, float(alpha), float(beta), float(k))
+    return torch.ops.fastnin.lrn(x, size, float(alpha), float(beta), float(k))
+
+
+def global_avg_pool2d(x: Tensor) -> Tensor:
+    """Global average pooling: Tensor[N, C, H, W] -> Tensor[N, C], the mean over H and W
+    (accumulated in float32 for float16/bfloat16 inputs)."""
+    check_gap_args(x)
+    backend = backend_for(x, "global_avg_pool2d")
+    if backend == "torch":
+        return reference.global_avg_pool2d(x)
+    if backend == "triton":
+        load_triton()
+        return torch.ops.fastnin_triton.gap(x)
+    return torch.ops.fastnin.gap(x)
+
+
+# ----------------------------------------------------------------------------------------------
+# Autograd. The rules are written once against an op namespace, so that the Triton backend
+# (fastnin/triton/__init__.py) registers the same ones for torch.ops.fastnin_triton.*.
+# ----------------------------------------------------------------------------------------------
+
+
+def _list_grads(needs, grads):
+    """Shape a list argument's gradients the way register_autograd expects: None when no element
+    needs a gradient (needs is False), else one entry per element."""
+    if needs is False or needs is None:
+        return None
+    return [g if n else None for g, n in zip(grads, needs)]
+
+
+def register_mlpconv_autograd(ns) -> None:
+    def setup_context(ctx, inputs, output):
+        x, weights, biases, stride, padding, gap = inputs
+        ctx.stride, ctx.padding, ctx.gap = list(stride), list(padding), gap
+        ctx.nstages = len(weights)
+        ctx.has_bias = [b is not None for b in biases]
+        # Only x and the output are kept: the backward recomputes the intermediate activations.
+        ctx.save_for_backward(x, None if gap else output, *weights, *[b for b in biases if b is not None])
+
+    def backward(ctx, grad_out):
+        x, out, *params = ctx.saved_tensors
+        weights = params[: ctx.nstages]
+        it = iter(params[ctx.nstages :])
+        biases = [next(it) if h else None for h in ctx.has_bias]
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        mask = [bool(need_x), bool(need_w), bool(need_b)]
+        gx, gws, gbs = ns.mlpconv_backward(
+            grad_out, x, weights, biases, out, ctx.stride, ctx.padding, ctx.gap, mask
+        )
+        grads = (
+            gx if need_x else None,
+            _list_grads(need_w, gws),
+            _list_grads(need_b, gbs),
+            None,
+            None,
+            None,
+        )
+        # One entry per input the op actually received: torch 2.11's dispatcher drops `gap` when
+        # it equals its default, and its tensor-list autograd then rejects a 6th gradient.
+        return grads[: len(ctx.needs_input_grad)]
+
+    torch.library.register_autograd(ns.mlpconv.default, backward, setup_context=setup_context)
+
+
+def register_lrn_autograd(ns) -> None:
+    def setup_context(ctx, inputs, output):
+        x, size, alpha, beta, k = inputs
+        ctx.args = (size, alpha, beta, k)
+        ctx.save_for_backward(x)
+
+    def backward(ctx, grad_out):
+        (x,) = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None
+        return ns.lrn_backward(grad_out, x, *ctx.args), None, None, None, None
+
+    torch.library.register_autograd(ns.lrn.default, backward, setup_context=setup_context)
+
+
+def register_gap_autograd(ns) -> None:
+    def setup_context(ctx, inputs, output):
+        (x,) = inputs
+        ctx.input_size = list(x.shape)
+        ctx.channels_last = suggest_memory_format(x) == torch.channels_last
+
+    def backward(ctx, grad_out):
+        return ns.gap_backward(grad_out, ctx.input_size, ctx.channels_last)
+
+    torch.library.register_autograd(ns.gap.default, backward, setup_context=setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# Fake (meta) kernels of the C++ ops: shapes, dtypes and layouts, for torch.compile and opcheck.
+# ----------------------------------------------------------------------------------------------
+
+
+def register_fakes(ns_name: str) -> None:
+    @torch.library.register_fake(f"{ns_name}::mlpconv")
+    def _mlpconv_fake(x, weights, biases, stride, padding, gap=False):
+        weights, biases, stride, padding, _ = check_mlpconv_args(x, weights, biases, stride, padding)
+        return empty_mlpconv_output(x, weights, stride, padding, gap)
+
+    @torch.library.register_fake(f"{ns_name}::mlpconv_backward")
+    def _mlpconv_backward_fake(grad_out, x, weights, biases, out, stride, padding, gap, output_mask):
+        weights, biases, *_ = check_mlpconv_args(x, weights, biases, stride, padding)
+        return empty_mlpconv_grads(x, weights, biases, output_mask)
+
+    @torch.library.register_fake(f"{ns_name}::lrn")
+    def _lrn_fake(x, size, alpha, beta, k):
+        check_lrn_args(x, size, alpha, beta, k)
+        return empty_lrn_output(x)
+
+    @torch.library.register_fake(f"{ns_name}::lrn_backward")
+    def _lrn_backward_fake(grad_out, x, size, alpha, beta, k):
+        check_lrn_args(x, size, alpha, beta, k)
+        return empty_lrn_output(x)
+
+    @torch.library.register_fake(f"{ns_name}::gap")
+    def _gap_fake(x):
+        check_gap_args(x)
+        return x.new_empty((x.shape[0], x.shape[1]))
+
+    @torch.library.register_fake(f"{ns_name}::gap_backward")
+    def _gap_backward_fake(grad_out, input_size, channels_last):
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        return torch.empty(input_size, dtype=grad_out.dtype, device=grad_out.device, memory_format=fmt)
+
+
+register_fakes("fastnin")
+register_mlpconv_autograd(torch.ops.fastnin)
+register_lrn_autograd(torch.ops.fastnin)
+register_gap_autograd(torch.ops.fastnin)
