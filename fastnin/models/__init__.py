@@ -26,7 +26,9 @@ _MODELS: dict[str, tuple[str, str, int]] = {
     "resnet18": ("resnet", "resnet18", 96),
 }
 
-__all__ = ["get", "list_models", "input_size", "NiN", "nin", "nin_cifar10"]
+__all__ = [
+    "get", "list_models", "input_size", "NiN", "nin", "nin_cifar10", "lenet", "alexnet", "vgg11", "googlenet", "resnet18",
+]  # fmt: skip
 
 
 def _check_name(name: str) -> tuple[str, str, int]:
@@ -53,3 +55,8 @@ def get(name: str, **kwargs) -> nn.Module:
 
 
 from .nin import NiN, nin, nin_cifar10  # noqa: E402
+from .lenet import lenet  # noqa: E402
+from .alexnet import alexnet  # noqa: E402
+from .vgg import vgg11  # noqa: E402
+from .googlenet import googlenet  # noqa: E402
+from .resnet import resnet18  # noqa: E402
