@@ -279,9 +279,13 @@ def plan_sequential(mods: list[nn.Module]) -> list[_Step]:
                 i = j
                 continue
             if i + 1 < n and type(mods[i + 1]) is nn.BatchNorm2d and mods[i + 1].training:
-                steps.append(_Step("module", i, i + 1, note="BatchNorm2d after it is in training mode (folded in eval)"))
-                i += 1
-                continue
+                note = "the BatchNorm2d after it is in training mode; folded in eval mode"
+            else:
+                nxt = _name(mods[i + 1]) if i + 1 < n else "nothing"
+                note = f"followed by {nxt}, not by ReLU or an eval-mode BatchNorm2d"
+            steps.append(_Step("module", i, i + 1, note=note))
+            i += 1
+            continue
         elif not _has_hooks(m) and (
             (isinstance(m, MLPConv) and not m.gap and _conv_padding(m.convs[0]) is not None)
             or callable(getattr(m, "fastnin_forward_gap", None))
@@ -296,9 +300,26 @@ def plan_sequential(mods: list[nn.Module]) -> list[_Step]:
             steps.append(_Step("gap", i, gap[1], gap=gap))
             i = gap[1]
             continue
-        steps.append(_Step("module", i, i + 1))
+        note = ""
+        if type(m) is nn.Conv2d:
+            note = _unfusable_reason(m)
+        steps.append(_Step("module", i, i + 1, note=note))
         i += 1
     return steps
+
+
+def _unfusable_reason(conv: nn.Conv2d) -> str:
+    if _has_hooks(conv):
+        return "it has hooks"
+    if conv.groups != 1:
+        return f"groups={conv.groups}"
+    if conv.dilation != (1, 1):
+        return f"dilation={conv.dilation}"
+    if conv.padding_mode != "zeros":
+        return f"padding_mode={conv.padding_mode!r}"
+    if _conv_padding(conv) is None:
+        return "'same' padding of an even kernel is asymmetric"
+    return ""
 
 
 def _name(m: nn.Module) -> str:
@@ -313,7 +334,7 @@ def describe_plan(mods: list[nn.Module], steps: list[_Step], prefix: str = "") -
     """One readable line per fused step (plain steps are not listed unless they carry a note)."""
     lines = []
     for st in steps:
-        where = f"{prefix}[{st.start}]" if st.end == st.start + 1 else f"{prefix}[{st.start}:{st.end}]"
+        where = f"{prefix}{st.start}" if st.end == st.start + 1 else f"{prefix}{st.start}-{prefix}{st.end - 1}"
         chain = " -> ".join(_name(m) for m in mods[st.start : st.end])
         if st.kind == "mlpconv":
             what = f"fastnin mlpconv ({len(st.stages)} stage{'s' if len(st.stages) > 1 else ''}"
@@ -352,10 +373,11 @@ class FusedSequential(nn.Sequential):
     Inputs that are not 4-D run every child as itself.
     """
 
-    def fastnin_plan(self) -> list[str]:
-        """What forward fuses, one line per fused step, in the current train/eval mode."""
+    def fastnin_plan(self, prefix: str = "") -> list[str]:
+        """What forward fuses, one line per fused step (children named prefix + index), in the
+        current train/eval mode; unfused convolutions get a line saying why."""
         mods = list(self._modules.values())
-        return describe_plan(mods, plan_sequential(mods))
+        return describe_plan(mods, plan_sequential(mods), prefix)
 
     def forward(self, x: Tensor) -> Tensor:
         mods = list(self._modules.values())
