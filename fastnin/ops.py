@@ -223,6 +223,28 @@ def _fill_missing_biases(biases: list, weights: list) -> list:
     return [b if b is not None else w.new_zeros(w.shape[0]) for b, w in zip(biases, weights)]
 
 
+def _autocast_mlpconv_args(x, weights, biases):
+    """Under torch.autocast, cast mlpconv's floating inputs to the autocast dtype, as autocast casts
+    those of the convolutions mlpconv replaces. A custom op is not cast by autocast itself: without
+    this, a float32 model under autocast would run mlpconv in float32, and a bfloat16 activation
+    would meet float32 weights. float64 stays float64 (autocast leaves it alone too). The casts are
+    differentiable: float32 parameters get float32 gradients."""
+    if not isinstance(x, Tensor) or not torch.is_autocast_enabled(x.device.type):
+        return x, weights, biases
+    if isinstance(weights, Tensor) or not isinstance(weights, Sequence):
+        return x, weights, biases  # check_mlpconv_args reports it
+    dtype = torch.get_autocast_dtype(x.device.type)
+
+    def cast(t):
+        if isinstance(t, Tensor) and t.dtype in (torch.float32, torch.float16, torch.bfloat16):
+            return t.to(dtype)
+        return t
+
+    if biases is not None and not isinstance(biases, Tensor) and isinstance(biases, Sequence):
+        biases = [cast(b) for b in biases]
+    return cast(x), [cast(w) for w in weights], biases
+
+
 def mlpconv(
     x: Tensor,
     weights: Sequence[Tensor],
@@ -244,11 +266,15 @@ def mlpconv(
         gap: average the last stage over H and W (the last NiN block with global average pooling);
             the [N, Cout, Ho, Wo] map is then never written.
 
+    Under torch.autocast, x, weights and biases are cast to the autocast dtype first (as for the
+    convolutions mlpconv replaces).
+
     Returns:
         relu(conv1x1(relu(conv1x1(relu(conv2d(x, w0, b0, stride, padding)), w1, b1)), w2, b2)):
         Tensor[N, Cout, Ho, Wo] with Ho = (H + 2*ph - kh) // sh + 1 (channels_last when x or
         weights[0] is), or Tensor[N, Cout] with gap=True.
     """
+    x, weights, biases = _autocast_mlpconv_args(x, weights, biases)
     weights, biases, stride, padding, _ = check_mlpconv_args(x, weights, biases, stride, padding)
     gap = bool(gap)
     backend = backend_for(x, "mlpconv")

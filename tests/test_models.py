@@ -1,0 +1,339 @@
+"""fastnin.models against their plain-torch twins (tests/twins.py, written from REFERENCE.md).
+
+Every model loads its twin's state_dict (strict) and matches it in fp32 (relative error <= 1e-5,
+max |ours - twin| / max |twin|): the output, the gradient of the input and of every parameter, and
+the BatchNorm running statistics, in eval and in training mode (same dropout masks: the same seed
+before each forward, and fastnin's kernels draw no random numbers). Inputs are the smallest each
+model accepts, to keep the CPU time low.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+import twins
+from _utils import assert_close_rule
+from conftest import HAS_TRITON, INTERPRET
+from torch import nn
+
+import fastnin
+from fastnin.models.vgg import vgg
+
+NAMES = ["nin", "nin_cifar10", "lenet", "alexnet", "vgg11", "googlenet", "resnet18"]
+# The smallest input side each model accepts (the ones with a fixed classifier need their own).
+SMALL = {"nin": 67, "nin_cifar10": 8, "lenet": 28, "alexnet": 224, "vgg11": 224, "googlenet": 32, "resnet18": 32}
+RTOL = 1e-5
+
+
+def in_channels(name: str) -> int:
+    return 3 if name == "nin_cifar10" else 1
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.detach().double() - b.detach().double()).abs().max() / b.detach().double().abs().max().clamp_min(1e-30)).item()
+
+
+def assert_rel(a, b, what, rtol=RTOL):
+    assert a is not None, f"{what}: no gradient"
+    assert a.shape == b.shape, f"{what}: shape {tuple(a.shape)} != {tuple(b.shape)}"
+    err = rel_err(a, b)
+    assert err <= rtol, f"{what}: relative error {err:.3g} > {rtol:g}"
+
+
+def randomize_bn(model: nn.Module, seed: int = 0) -> None:
+    """Non-trivial BatchNorm statistics and affine parameters, so that folding them is tested."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            c = m.num_features
+            m.running_mean.copy_(torch.randn(c, generator=g) * 0.2)
+            m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(c, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(c, generator=g) * 0.2)
+
+
+def make_pair(name: str, seed: int = 0, **kwargs):
+    torch.manual_seed(seed)
+    twin = twins.TWINS[name](**kwargs)
+    randomize_bn(twin, seed)
+    ours = fastnin.models.get(name, **kwargs)
+    ours.load_state_dict(twin.state_dict())  # strict: same keys, same shapes
+    return ours, twin
+
+
+def compare_with_twin(ours, twin, x, train: bool, seed: int = 1, rtol=RTOL):
+    ours.train(train)
+    twin.train(train)
+    xo = x.detach().clone().requires_grad_()
+    xt = x.detach().clone().requires_grad_()
+    torch.manual_seed(seed)
+    yo = ours(xo)
+    torch.manual_seed(seed)
+    yt = twin(xt)
+    assert_rel(yo, yt, "output", rtol)
+    g = torch.randn(yt.shape, generator=torch.Generator().manual_seed(seed))
+    yo.backward(g)
+    yt.backward(g)
+    assert_rel(xo.grad, xt.grad, "input gradient", rtol)
+    pt = dict(twin.named_parameters())
+    po = dict(ours.named_parameters())
+    assert po.keys() == pt.keys()
+    for k, p in pt.items():
+        assert_rel(po[k].grad, p.grad, f"gradient of {k}", rtol)
+    bt = dict(twin.named_buffers())
+    for k, b in ours.named_buffers():
+        if b.is_floating_point():
+            assert_rel(b, bt[k], f"buffer {k}", rtol)
+        else:
+            assert torch.equal(b, bt[k]), k
+
+
+# ----------------------------------------------------------------------------------------------
+# The API
+# ----------------------------------------------------------------------------------------------
+
+
+def test_registry():
+    assert fastnin.models.list_models() == sorted(NAMES)
+    assert {n: fastnin.models.input_size(n) for n in NAMES} == {
+        "nin": 224, "nin_cifar10": 32, "lenet": 28, "alexnet": 224, "vgg11": 224, "googlenet": 96, "resnet18": 96,
+    }  # fmt: skip
+    assert fastnin.NiN is fastnin.models.NiN
+    with pytest.raises(ValueError, match="unknown model 'nope'"):
+        fastnin.models.get("nope")
+    with pytest.raises(ValueError, match="unknown model"):
+        fastnin.models.input_size("NiN")
+    with pytest.raises(ValueError, match="num_classes"):
+        fastnin.NiN(num_classes=0)
+
+
+@pytest.mark.parametrize("name", ["nin", "nin_cifar10", "lenet", "googlenet", "resnet18"])
+def test_num_classes_and_in_channels(name):
+    model = fastnin.models.get(name, num_classes=7, in_channels=2).eval()
+    with torch.no_grad():
+        y = model(torch.randn(2, 2, SMALL[name], SMALL[name]))
+    assert y.shape == (2, 7)
+
+
+# ----------------------------------------------------------------------------------------------
+# Every model against its twin (default backend: the native CPU kernels)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("name", [n for n in NAMES if n not in ("alexnet", "vgg11")])
+def test_matches_twin(name, train):
+    ours, twin = make_pair(name)
+    s = SMALL[name]
+    x = torch.randn(2, in_channels(name), s, s, generator=torch.Generator().manual_seed(2))
+    compare_with_twin(ours, twin, x, train)
+
+
+@pytest.mark.parametrize("lrn", [False, True], ids=["plain", "lrn"])
+def test_alexnet_matches_twin(lrn):
+    ours, twin = make_pair("alexnet", lrn=lrn)
+    x = torch.randn(2, 1, 224, 224, generator=torch.Generator().manual_seed(2))
+    compare_with_twin(ours, twin, x, train=True)
+    if lrn:
+        assert sum(isinstance(m, fastnin.nn.LocalResponseNorm) for m in ours) == 2
+
+
+def test_vgg11_matches_twin():
+    ours, twin = make_pair("vgg11")
+    x = torch.randn(1, 1, 224, 224, generator=torch.Generator().manual_seed(2))
+    compare_with_twin(ours, twin, x, train=True)
+
+
+def test_vgg_small_matches_twin():
+    """The VGG code path at a size the Triton interpreter and compile tests can afford."""
+    arch = ((1, 8), (1, 16), (2, 16))
+    torch.manual_seed(0)
+    twin = twins.vgg(arch, input_size=32, hidden=64)
+    ours = vgg(arch, input_size=32, hidden=64)
+    ours.load_state_dict(twin.state_dict())
+    compare_with_twin(ours, twin, torch.randn(2, 1, 32, 32), train=True)
+
+
+def test_nin_keys_are_the_textbook_ones():
+    keys = list(fastnin.NiN().state_dict())
+    assert keys[0] == "0.0.weight" and keys[-1] == "7.4.bias" and len(keys) == 24
+
+
+@pytest.mark.parametrize("name", ["nin", "nin_cifar10"])
+def test_nin_every_backend(name, backend_device):
+    """The fused NiN head (last mlpconv + GAP + Flatten as mlpconv(gap=True)) on each backend."""
+    backend, device = backend_device
+    ours, twin = make_pair(name)
+    ours.to(device)
+    twin.to(device)
+    s = SMALL[name]
+    compare_with_twin(ours, twin, torch.randn(1, in_channels(name), s, s, device=device), train=False)
+
+
+def test_nin_torch_backend():
+    ours, twin = make_pair("nin")
+    with fastnin.use_backend("torch"):
+        compare_with_twin(ours, twin, torch.randn(2, 1, 67, 67), train=True)
+
+
+@pytest.mark.skipif(not (HAS_TRITON and INTERPRET), reason="Triton interpreter not enabled")
+def test_small_models_triton_interp():
+    """LRN, GAP and the Inception-style horizontal fusion run through the Triton backend too."""
+    with fastnin.use_backend("triton"):
+        arch = ((1, 4), (1, 8))
+        torch.manual_seed(0)
+        twin, ours = twins.vgg(arch, input_size=8, hidden=16), vgg(arch, input_size=8, hidden=16)
+        ours.load_state_dict(twin.state_dict())
+        compare_with_twin(ours, twin, torch.randn(1, 1, 8, 8), train=True)
+        ours, twin = make_pair("resnet18")
+        compare_with_twin(ours, twin, torch.randn(1, 1, 16, 16), train=False)
+
+
+def test_resnet_folds_batchnorm_only_in_eval():
+    ours, twin = make_pair("resnet18")
+    x = torch.randn(2, 1, 32, 32)
+    # training mode: the running statistics move exactly as the twin's (checked in compare_with_twin)
+    compare_with_twin(ours, twin, x, train=True)
+    # eval mode after that update, then back in training mode
+    compare_with_twin(ours, twin, x, train=False)
+    compare_with_twin(ours, twin, x, train=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------
+
+
+def small_model(name):
+    if name == "vgg11":
+        return vgg(((1, 8), (1, 16), (2, 16)), input_size=32, hidden=64, dropout=0.0), 32
+    kwargs = {"dropout": 0.0} if name in ("nin", "nin_cifar10", "alexnet") else {}
+    return fastnin.models.get(name, **kwargs), SMALL[name]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_sgd_steps_lower_the_loss(name):
+    """A few SGD steps on one random batch lower its loss (no dropout, so the loss is a function)."""
+    torch.manual_seed(0)
+    model, s = small_model(name)
+    model.train()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(8, in_channels(name), s, s, generator=g)
+    y = torch.randint(0, 10, (8,), generator=g)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    losses = []
+    for _ in range(6):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    with torch.no_grad():
+        final = nn.functional.cross_entropy(model(x), y).item()
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert final < losses[0], f"loss {losses[0]:.4f} -> {losses} -> {final:.4f}"
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.compile(fullgraph=True)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_compile_fullgraph(name):
+    torch.manual_seed(0)
+    model, s = small_model(name)
+    model.eval()
+    x = torch.randn(2, in_channels(name), s, s, requires_grad=True)
+    eager = model(x)
+    (gx_eager,) = torch.autograd.grad(eager.sum(), x)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)
+    out = compiled(x)
+    (gx,) = torch.autograd.grad(out.sum(), x)
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gx, gx_eager, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# NiN as a drop-in: layouts, dtypes, autocast, copies, checkpoints
+# ----------------------------------------------------------------------------------------------
+
+
+def test_nin_channels_last():
+    ours, twin = make_pair("nin")
+    ours = ours.to(memory_format=torch.channels_last)
+    x = torch.randn(2, 1, 67, 67).contiguous(memory_format=torch.channels_last)
+    compare_with_twin(ours, twin, x, train=False)
+
+
+@pytest.mark.parametrize("n", [0, 1])
+def test_nin_batch_0_and_1(n):
+    ours, twin = make_pair("nin")
+    ours.eval()
+    twin.eval()
+    x = torch.randn(n, 1, 67, 67)
+    yo, yt = ours(x), twin(x)
+    assert yo.shape == yt.shape == (n, 10)
+    if n:
+        assert_rel(yo, yt, "output")
+
+
+def test_nin_to_float64():
+    ours, twin = make_pair("nin")
+    ours.to(torch.float64)
+    twin.to(torch.float64)
+    x = torch.randn(2, 1, 67, 67, dtype=torch.float64)
+    compare_with_twin(ours, twin, x, train=False, rtol=1e-10)
+
+
+def test_nin_bfloat16_weights():
+    ours, twin = make_pair("nin")
+    ref64 = copy.deepcopy(twin).double().eval()
+    ours.to(torch.bfloat16).eval()
+    twin.to(torch.bfloat16).eval()
+    x = torch.randn(2, 1, 67, 67).to(torch.bfloat16)
+    with torch.no_grad():
+        assert_close_rule(ours(x), ref64(x.double()), twin(x), "bf16 output")
+
+
+def test_nin_autocast_bf16():
+    """Under autocast the fused blocks run in bfloat16 like the twin's convolutions, and the
+    float32 parameters get float32 gradients."""
+    ours, twin = make_pair("nin")
+    ours.eval()
+    twin.eval()
+    ref64 = copy.deepcopy(twin).double()
+    x = torch.randn(2, 1, 67, 67)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        yo = ours(x)
+        yt = twin(x)
+    assert yo.dtype == yt.dtype == torch.bfloat16
+    assert_close_rule(yo, ref64(x.double()), yt, "autocast output")
+    yo.float().sum().backward()
+    w = ours[0][0].weight
+    assert w.grad is not None and w.grad.dtype == torch.float32 and torch.isfinite(w.grad).all()
+
+
+def test_nin_deepcopy_and_save_load():
+    ours, _ = make_pair("nin")
+    ours.eval()
+    x = torch.randn(2, 1, 67, 67)
+    ref = ours(x)
+    clone = copy.deepcopy(ours)
+    assert type(clone) is fastnin.NiN
+    assert clone[0][0].weight is not ours[0][0].weight
+    torch.testing.assert_close(clone(x), ref, rtol=0, atol=0)
+    buf = io.BytesIO()
+    torch.save(ours, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    torch.testing.assert_close(loaded(x), ref, rtol=0, atol=0)
+    # a checkpoint (state_dict) of ours loads into the plain twin and back
+    twin = twins.nin()
+    twin.load_state_dict(ours.state_dict())
+    twin.eval()
+    assert_rel(twin(x), ref, "twin with ours' weights")
