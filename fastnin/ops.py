@@ -154,6 +154,41 @@ def check_gap_args(x) -> None:
         raise ValueError(f"{op}: x must have a non-empty spatial size, got {x.shape[2]}x{x.shape[3]}")
 
 
+def check_mlpconv_backward_args(grad_out, x, weights, biases, out, stride, padding, gap) -> None:
+    """The checks of mlpconv_backward's C++ entry point, for the Triton op called directly."""
+    op = "mlpconv_backward"
+    weights, biases, stride, padding, (ho, wo) = check_mlpconv_args(x, weights, biases, stride, padding)
+    _check_tensor(grad_out, op, "grad_out")
+    _check_like_x(grad_out, x, op, "grad_out")
+    n, cout = x.shape[0], weights[-1].shape[0]
+    want = [n, cout] if gap else [n, cout, ho, wo]
+    if list(grad_out.shape) != want:
+        raise ValueError(f"{op}: grad_out must have shape {want}, got {list(grad_out.shape)}")
+    if out is not None:
+        _check_tensor(out, op, "out")
+        _check_like_x(out, x, op, "out")
+        if list(out.shape) != want:
+            raise ValueError(f"{op}: out must have shape {want}, got {list(out.shape)}")
+
+
+def check_lrn_backward_args(grad_out, x, size, alpha, beta, k) -> None:
+    check_lrn_args(x, size, alpha, beta, k)
+    _check_tensor(grad_out, "lrn_backward", "grad_out")
+    _check_like_x(grad_out, x, "lrn_backward", "grad_out")
+    if grad_out.shape != x.shape:
+        raise ValueError(f"lrn_backward: grad_out must have x's shape {list(x.shape)}, got {list(grad_out.shape)}")
+
+
+def check_gap_backward_args(grad_out, input_size) -> None:
+    op = "gap_backward"
+    _check_tensor(grad_out, op, "grad_out")
+    _check_floating(grad_out, op, "grad_out")
+    if len(input_size) != 4 or min(input_size) < 0 or input_size[2] < 1 or input_size[3] < 1:
+        raise ValueError(f"{op}: input_size must be [N, C, H, W] with H, W >= 1, got {list(input_size)}")
+    if list(grad_out.shape) != list(input_size[:2]):
+        raise ValueError(f"{op}: grad_out must have shape {list(input_size[:2])}, got {list(grad_out.shape)}")
+
+
 # ----------------------------------------------------------------------------------------------
 # Output layouts, shared by the fake kernels here and the Triton launchers. They match what torch
 # returns for the same layer and what the C++ kernels allocate (csrc/checks.h).
