@@ -350,8 +350,11 @@ def describe_plan(mods: list[nn.Module], steps: list[_Step], prefix: str = "") -
         elif st.kind == "module_gap":
             lines.append(f"{where} {chain} => {_name(mods[st.start])} with the global average pool fused")
         elif st.kind == "gap":
-            cond = " (when its kernel covers the whole map)" if _gap_kind(mods[st.start]) == "avgpool" else ""
-            lines.append(f"{where} {chain} => fastnin gap{cond}")
+            if _gap_kind(mods[st.start]) == "avgpool":  # not a replacement unless the map fits
+                k = "x".join(map(str, _pair(mods[st.start].kernel_size)))
+                lines.append(f"{where} {chain}: fastnin gap only when its {k} kernel covers the whole map")
+            else:
+                lines.append(f"{where} {chain} => fastnin gap")
         elif st.note:
             lines.append(f"{where} {chain}: kept ({st.note})")
     return lines
@@ -408,9 +411,9 @@ def _gap_applies(mod: nn.Module, h: int, w: int) -> bool:
 
 def _run_step(mods: list[nn.Module], st: _Step, x: Tensor) -> Tensor:
     if st.kind == "conv_bn":
-        (ci, _), = st.stages
+        ((ci, _),) = st.stages
         conv = mods[ci]
-        w, b = _stage_params(mods, st.stages)
+        (w,), (b,) = _stage_params(mods, st.stages)
         return torch.nn.functional.conv2d(x, w, b, conv.stride, _conv_padding(conv))
     if st.kind == "gap":
         j, end, keep = st.gap
