@@ -16,10 +16,6 @@ import fastnin
 from fastnin.nn import FusedSequential
 
 
-def fused_pair(model: nn.Module):
-    return fastnin.fuse(model), model
-
-
 # ----------------------------------------------------------------------------------------------
 # The twins
 # ----------------------------------------------------------------------------------------------
@@ -44,14 +40,19 @@ TWIN_CASES = {
         "4.2-4.3 AdaptiveAvgPool2d -> Flatten => fastnin gap",
     ]),
     "resnet18": (twins.resnet18, (2, 1, 16, 16), [
-        "0.0-0.2 Conv2d(1->64, 7x7/2) -> BatchNorm2d -> ReLU => fastnin mlpconv (1 stage, BatchNorm folded (eval mode))",
+        "0.0-0.2 Conv2d(1->64, 7x7/2) -> BatchNorm2d -> ReLU"
+        " => fastnin mlpconv (1 stage, BatchNorm folded (eval mode))",
         "5-6 AdaptiveAvgPool2d -> Flatten => fastnin gap",
     ]),
 }  # fmt: skip
 
 
-@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
-@pytest.mark.parametrize("name", list(TWIN_CASES))
+# Training mode for the small twins only: GoogLeNet's and ResNet's fused parts in training mode
+# (plain conv+ReLU runs, BatchNorm as itself) are those of the other twins and of the mixed model.
+TWIN_PARAMS = [(n, False) for n in TWIN_CASES] + [(n, True) for n in ("nin", "nin_cifar10", "lenet", "vgg_small")]
+
+
+@pytest.mark.parametrize("name,train", TWIN_PARAMS, ids=[f"{n}-{'train' if t else 'eval'}" for n, t in TWIN_PARAMS])
 def test_fuse_twin(name, train):
     factory, shape, lines = TWIN_CASES[name]
     torch.manual_seed(0)
@@ -160,9 +161,8 @@ def test_fuse_mixed_report():
     assert type(fused.features) is FusedSequential and type(fused.features[17]) is fastnin.nn.LocalResponseNorm
     # in training mode the BatchNorms are not folded, and the report says so
     train_lines = fastnin.fuse(make_mixed(train=True)).fastnin_report.lines
-    assert "features.10 Conv2d(6->6, 3x3): kept (the BatchNorm2d after it is in training mode; folded in eval mode)" in (
-        train_lines
-    )
+    kept = "features.10 Conv2d(6->6, 3x3): kept (the BatchNorm2d after it is in training mode; folded in eval mode)"
+    assert kept in train_lines
     assert not any("features.10-" in ln or "features.15-" in ln for ln in train_lines)
 
 

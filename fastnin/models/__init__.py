@@ -27,7 +27,8 @@ _MODELS: dict[str, tuple[str, str, int]] = {
 }
 
 __all__ = [
-    "get", "list_models", "input_size", "NiN", "nin", "nin_cifar10", "lenet", "alexnet", "vgg11", "googlenet", "resnet18",
+    "get", "list_models", "input_size",
+    "NiN", "nin", "nin_cifar10", "lenet", "alexnet", "vgg11", "googlenet", "resnet18",
 ]  # fmt: skip
 
 
