@@ -136,6 +136,14 @@ def main(argv: list[str] | None = None) -> int:
         print("no case selected (see --ops / --models)", file=sys.stderr)
         return 2
 
+    old = None
+    if args.compare:  # read before the run, so that a bad file fails at once
+        try:
+            old = report.load_json(args.compare)
+        except (OSError, ValueError) as e:
+            print(f"--compare: {e}", file=sys.stderr)
+            return 2
+
     settings = runner.Settings.quick() if args.quick else runner.Settings()
     settings.budget_s = args.budget
     targets_on = not args.quick and args.batch is None
@@ -161,12 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.pytest_junit:
         result["parity"] = report.junit_summary(args.pytest_junit)
-    if args.compare:
-        try:
-            result["compare"] = report.compare(result, report.load_json(args.compare))
-        except (OSError, ValueError) as e:
-            print(f"--compare: {e}", file=sys.stderr)
-            return 2
+    if old is not None:
+        result["compare"] = report.compare(result, old)
     result["elapsed_s"] = round(time.perf_counter() - t0, 2)
 
     print(report.render_text(result))

@@ -83,8 +83,7 @@ class Case:
             return f"{self.batch}x{s['cin']}x{s['h']}x{s['w']} k{k}{extra} ->{chans}"
         if self.op in ("lrn", "gap"):
             return f"{self.batch}x{s['c']}x{s['h']}x{s['w']}"
-        h, w = s.get("hw", ("?", "?"))
-        return f"{self.batch}x{s.get('cin', '?')}x{h}x{w}"
+        return f"batch {self.batch}"  # models: the input size comes from fastnin.models at setup
 
     # -- work, for throughput ---------------------------------------------------------------
     def flops(self) -> float | None:
@@ -241,6 +240,7 @@ class Prepared:
     error: Callable[[], dict | None]  # {abs, rel} error vs the float64 reference over outputs (+ gradients)
     sets: int  # how many input sets the timed function rotates over
     note: str = ""
+    shape: str | None = None  # the input shape, where the case cannot tell it before setup (models)
 
 
 def _randn(shape, device, dtype, scale=1.0, gen=None):
@@ -497,13 +497,12 @@ def _prepare_model(case: Case, provider: Provider, device, dtype) -> Prepared:
             if case.mode == "infer":
                 got = [fn_first(x)]
             else:
-                was = model.training
-                model.eval()
-                try:
-                    with provider.context():
-                        got = reference_run(model, x, y, grads)
-                finally:
-                    model.train(was)
+                # A fresh copy: the timed steps have moved the provider's own weights.
+                m = copy.deepcopy(base).eval()
+                if provider.channels_last:
+                    m = m.to(memory_format=torch.channels_last)
+                with provider.context():
+                    got = reference_run(m, x, y, grads)
         return _max_err(got, ref)
 
     def fn_first(x):
@@ -511,7 +510,7 @@ def _prepare_model(case: Case, provider: Provider, device, dtype) -> Prepared:
             return fwd(x)
 
     note = "" if provider.kind != "compile" or case.mode == "infer" else "error: see the infer case"
-    return Prepared(fn, error, nsets, note)
+    return Prepared(fn, error, nsets, note, shape=f"{case.batch}x{c}x{h}x{w}")
 
 
 def _backend(name: str):

@@ -354,7 +354,7 @@ def plot(result: dict, path) -> None:
     ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
     ax.set_ylabel("speedup (x)")
     m = result["meta"]
-    ax.set_title(f"fastnin speedup: {m['device']}, torch {m['torch']}, {m['commit']}", fontsize=9)
+    ax.set_title(f"fastnin speedup (x, higher is better)\n{m['device']}, torch {m['torch']}, commit {m['commit']}", fontsize=8)
     ax.legend(fontsize=7)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)

@@ -93,6 +93,8 @@ def run_case(case: Case, providers: list[Provider], device, dtype_name: str, set
             entry["warmup_s"] = time.perf_counter() - t0
             entry["peak_mem"] = timing.peak_memory(prep.fn, device)
             entry["sets"] = prep.sets
+            if prep.shape:
+                row["shape"] = prep.shape
             if prep.note:
                 entry["note"] = prep.note
             prepared[p.name] = prep
