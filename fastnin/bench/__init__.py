@@ -144,50 +144,63 @@ def main(argv: list[str] | None = None) -> int:
             print(f"--compare: {e}", file=sys.stderr)
             return 2
 
-    settings = runner.Settings.quick() if args.quick else runner.Settings()
+    settings = runner.Settings.quick() if args.quick else runner.Settings.for_device(device)
     settings.budget_s = args.budget
     targets_on = not args.quick and args.batch is None
     t0 = time.perf_counter()
-    rows, skipped, copy_bw = runner.run_all(
-        chosen,
-        lambda case: provs,
-        device,
-        dtypes,
-        settings,
-        targets_on,
-        progress=not args.no_progress,
-    )
     result = {
         "meta": report.meta(device, argv_used),
         "providers": {p.name: p.describe() for p in provs},
         "settings": {**settings.__dict__, "quick": args.quick, "full": args.full, "dtypes": dtypes},
-        "copy_bandwidth": copy_bw,
-        "rows": rows,
-        "skipped": skipped,
+        "copy_bandwidth": None,
+        "rows": [],
+        "skipped": [],
         "notes": notes,
         "elapsed_s": None,
     }
     if args.pytest_junit:
         result["parity"] = report.junit_summary(args.pytest_junit)
+
+    def write_files(final: bool) -> list[str]:
+        result["elapsed_s"] = round(time.perf_counter() - t0, 2)
+        result["complete"] = final
+        written = []
+        if args.json:
+            report.write_json(result, args.json)
+            written.append(args.json)
+        if args.markdown:
+            with open(args.markdown, "w") as f:
+                f.write(report.render_markdown(result))
+            written.append(args.markdown)
+        if args.results_dir:
+            js, md = report.results_paths(result, args.results_dir, device)
+            report.write_json(result, js)
+            md.write_text(report.render_markdown(result))
+            written += [str(js), str(md)]
+        return written
+
+    def checkpoint(rows, skipped):
+        # Files rewritten after every case: a run stopped by a timeout keeps what it measured.
+        result["rows"], result["skipped"] = rows, skipped
+        write_files(final=False)
+
+    rows, skipped, copy_bw = runner.run_all(
+        chosen,
+        provs,
+        device,
+        dtypes,
+        settings,
+        targets_on,
+        progress=not args.no_progress,
+        checkpoint=checkpoint if (args.json or args.markdown or args.results_dir) else None,
+    )
+    result.update(rows=rows, skipped=skipped, copy_bandwidth=copy_bw)
     if old is not None:
         result["compare"] = report.compare(result, old)
-    result["elapsed_s"] = round(time.perf_counter() - t0, 2)
+    written = write_files(final=True)
 
     print(report.render_text(result))
     print(f"({result['elapsed_s']:.1f} s)")
-    written = []
-    if args.json:
-        report.write_json(result, args.json)
-        written.append(args.json)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(report.render_markdown(result))
-        written.append(args.markdown)
-    if args.results_dir:
-        js, md = report.results_paths(result, args.results_dir, device)
-        report.write_json(result, js)
-        md.write_text(report.render_markdown(result))
-        written += [str(js), str(md)]
     if args.plot:
         report.plot(result, args.plot)
         written.append(args.plot)

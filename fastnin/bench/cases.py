@@ -360,6 +360,23 @@ def _max_err(got, ref) -> dict:
     return {"abs": abs_err, "rel": rel_err}
 
 
+# The float64 reference of the case being measured: every provider of a case starts from the
+# same seeded inputs (only their layout differs), so it is computed once per case and dtype.
+_REF_CACHE: dict = {}
+
+
+def _reference(case: Case, dtype, compute: Callable[[], list]):
+    key = (case.id, case.batch, str(dtype))
+    if key not in _REF_CACHE:
+        _REF_CACHE.clear()
+        _REF_CACHE[key] = [None if t is None else t.detach() for t in compute()]
+    return _REF_CACHE[key]
+
+
+def clear_reference_cache() -> None:
+    _REF_CACHE.clear()
+
+
 def _prepare_op(case: Case, provider: Provider, device, dtype) -> Prepared:
     inp0 = op_inputs(case, device, dtype, seed=0)
     per_set = sum(t.numel() * t.element_size() for t in (inp0["x"], inp0["grad_out"]))
@@ -386,7 +403,7 @@ def _prepare_op(case: Case, provider: Provider, device, dtype) -> Prepared:
             ref_inp["weights"] = [w.detach().double().requires_grad_(grad) for w in sets[0]["weights"]]
             ref_inp["biases"] = [b.detach().double().requires_grad_(grad) for b in sets[0]["biases"]]
         ref_inp["grad_out"] = sets[0]["grad_out"].double()
-        ref = _call(case, _eager_op(case), ref_inp)
+        ref = _reference(case, dtype, lambda: _call(case, _eager_op(case), ref_inp))
         return _max_err(got, ref)
 
     return Prepared(fn, error, len(sets))
@@ -489,11 +506,14 @@ def _prepare_model(case: Case, provider: Provider, device, dtype) -> Prepared:
         if case.mode == "train" and provider.kind == "compile":
             return None
         grads = case.mode == "train"
-        ref_model = copy.deepcopy(base).double().eval()
         x, y = xs[0], ys[0]
         with torch.no_grad() if not grads else contextlib.nullcontext():
-            with _backend("torch"):
-                ref = reference_run(ref_model, x.detach().double(), y, grads)
+            def compute():
+                ref_model = copy.deepcopy(base).double().eval()
+                with _backend("torch"):
+                    return reference_run(ref_model, x.detach().double(), y, grads)
+
+            ref = _reference(case, dtype, compute)
             if case.mode == "infer":
                 got = [fn_first(x)]
             else:

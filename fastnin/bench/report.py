@@ -187,7 +187,9 @@ def table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
         line = [r["case"]] + ([r["dtype"]] if multi_dtype else []) + [r["shape"]]
         for p in provs:
             e = r["providers"].get(p)
-            line.append("-" if e is None else "ERR" if e.get("ms") is None else _ms(e["ms"]))
+            line.append(
+                "-" if e is None else _ms(e["ms"]) if e.get("ms") is not None else "skip" if e.get("skipped") else "ERR"
+            )
         for p in fast:
             d = r["fastnin"].get(p, {})
             e = r["providers"].get(p, {})
@@ -243,6 +245,9 @@ def notes(result: dict) -> list[str]:
         for t in r.get("targets") or []:
             if t["met"] is False:
                 n.append(f"target missed: {r['case']} [{r['dtype']}] {t['provider']}: {_f(t['value'], '{:.2f}')} {t['label']}")
+    budget_skips = [f"{r['case']} [{r['dtype']}]" for r in result["rows"] for e in r["providers"].values() if e.get("skipped")]
+    if budget_skips:
+        n.append(f"torch.compile skipped for lack of time (--budget) on: {', '.join(budget_skips)}")
     for s in result.get("skipped", []):
         n.append(f"skipped {s['case']} [{s['dtype']}]: {s['reason']}")
     return n
@@ -280,6 +285,8 @@ def render_markdown(result: dict) -> str:
         out.append(f"- device copy bandwidth (read + write): {result['copy_bandwidth'] / 1e9:.0f} GB/s")
     if result.get("providers"):
         out.append("- providers: " + "; ".join(f"`{k}`: {v}" for k, v in result["providers"].items()))
+    if result.get("complete") is False:
+        out.append("- **incomplete**: the run stopped before its end; these are the cases measured so far")
     out += ["", md_table(head, cells), ""]
     out += [f"- {x}" for x in notes(result)]
     mem = memory_md(result["rows"])

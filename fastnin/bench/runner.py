@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from . import timing
-from .cases import Case, prepare
+from .cases import Case, clear_reference_cache, prepare
 from .providers import Provider
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
@@ -43,7 +43,12 @@ class Settings:
 
     @classmethod
     def quick(cls) -> Settings:
-        return cls(warmup=1, rounds=1, min_reps=2, max_reps=5, target_s=0.01)
+        return cls(warmup=1, rounds=1, min_reps=3, max_reps=8, target_s=0.01)
+
+    @classmethod
+    def for_device(cls, device) -> Settings:
+        # GPU: per-call CUDA-event times are steady; 0.1 s of samples is tens to hundreds of calls.
+        return cls(target_s=0.1, max_reps=200) if torch.device(device).type == "cuda" else cls()
 
 
 def _err_text(e: BaseException) -> str:
@@ -80,6 +85,7 @@ def run_case(case: Case, providers: list[Provider], device, dtype_name: str, set
         "bytes": case.bytes(dtype) if case.group == "ops" else None,
         "providers": {},
     }
+    clear_reference_cache()
     prepared = {}
     for p in providers:
         entry: dict = {"ms": None}
@@ -134,7 +140,22 @@ def run_case(case: Case, providers: list[Provider], device, dtype_name: str, set
     return row
 
 
-def derive(row: dict, copy_bw: float | None, targets_on: bool, case: Case | None = None) -> dict:
+def rates(row: dict, ms: float, copy_bw: float | None) -> dict:
+    """Throughput of one provider at `ms` per call: TFLOP/s (mlpconv), GB/s of least traffic and
+    its fraction of the copy bandwidth (lrn, gap), images/s (models)."""
+    t = ms / 1e3
+    d = {}
+    if row.get("flops"):
+        d["tflops"] = row["flops"] / t / 1e12
+    if row.get("bytes"):
+        d["gbs"] = row["bytes"] / t / 1e9
+        d["bw_frac"] = row["bytes"] / t / copy_bw if copy_bw else None
+    if row.get("group") == "models":
+        d["images_s"] = row["batch"] / t
+    return d
+
+
+def derive(row: dict, copy_bw: float | None, targets_on: bool, case: Case | None = None, device="cpu") -> dict:
     """Speedups, throughput and targets of each fastnin provider in a row."""
     provs = row["providers"]
 
@@ -149,25 +170,18 @@ def derive(row: dict, copy_bw: float | None, targets_on: bool, case: Case | None
     for name, e in provs.items():
         if not name.startswith("fastnin") or not e.get("ms"):
             continue
-        t = e["ms"] / 1e3
         d = {
             "vs_eager": eager_best / e["ms"] if eager_best else None,
             "vs_eager_nchw": ms("eager") / e["ms"] if ms("eager") else None,
             "vs_eager_cl": ms("eager-cl") / e["ms"] if ms("eager-cl") else None,
             "vs_compile": ms("compile") / e["ms"] if ms("compile") else None,
         }
-        if row["flops"]:
-            d["tflops"] = row["flops"] / t / 1e12
-        if row["bytes"]:
-            d["gbs"] = row["bytes"] / t / 1e9
-            d["bw_frac"] = row["bytes"] / t / copy_bw if copy_bw else None
-        if row["group"] == "models":
-            d["images_s"] = row["batch"] / t
+        d.update(rates(row, e["ms"], copy_bw))
         derived[name] = d
     row["fastnin"] = derived
     row["targets"] = []
     if targets_on and case is not None:
-        dev = "cuda" if any(n in provs for n in ("fastnin-cuda", "fastnin-triton")) else "cpu"
+        dev = torch.device(device).type
         for tgt in case.targets:
             if tgt.device != dev or row["dtype"] not in tgt.dtypes:
                 continue
@@ -188,36 +202,68 @@ def derive(row: dict, copy_bw: float | None, targets_on: bool, case: Case | None
 
 def run_all(
     cases: list[Case],
-    providers_for: callable,
+    providers: list[Provider],
     device,
     dtypes: list[str],
     settings: Settings,
     targets_on: bool,
     progress: bool = True,
+    checkpoint=None,
 ) -> tuple[list[dict], list[dict], float | None]:
-    """Returns (rows, skipped, copy bandwidth). providers_for(case) -> the providers of a case."""
+    """Returns (rows, skipped, copy bandwidth). `checkpoint(rows, skipped)`, if given, is called
+    after every case (so that a run killed by a timeout leaves its results so far).
+
+    With a time budget, torch.compile (whose max-autotune compilation can take a minute per case)
+    is deferred: every case is first measured without it, then compile is added case by case,
+    those with a compile target first, while the budget lasts; the rest say so in `skipped`."""
     copy_bw = None
     try:
         copy_bw = copy_bandwidth(device)
     except Exception:  # noqa: BLE001 - a yardstick, not a result
         pass
+    deferred = [p for p in providers if p.kind == "compile"] if settings.budget_s is not None else []
+    first = [p for p in providers if p not in deferred]
     rows, skipped = [], []
     tasks = [(dt, c) for dt in dtypes for c in cases]
-    bar = _progress(len(tasks), progress)
+    bar = _progress(len(tasks) * (1 + bool(deferred)), progress)
     t0 = time.perf_counter()
+
+    def over_budget() -> bool:
+        return settings.budget_s is not None and time.perf_counter() - t0 > settings.budget_s
+
+    done: list[tuple[dict, Case]] = []
     for dt, case in tasks:
         if bar is not None:
             bar.set_postfix_str(f"{case.id} {dt}", refresh=False)
-        if settings.budget_s is not None and time.perf_counter() - t0 > settings.budget_s:
+        if over_budget():
             skipped.append({"case": case.id, "dtype": dt, "reason": f"time budget of {settings.budget_s:g} s spent"})
         else:
             try:
-                row = run_case(case, providers_for(case), device, dt, settings)
-                rows.append(derive(row, copy_bw, targets_on, case))
+                row = run_case(case, first, device, dt, settings)
+                rows.append(derive(row, copy_bw, targets_on, case, device))
+                done.append((row, case))
             except Exception as e:  # noqa: BLE001
                 skipped.append({"case": case.id, "dtype": dt, "reason": _err_text(e)})
         if bar is not None:
             bar.update(1)
+        if checkpoint is not None:
+            checkpoint(rows, skipped)
+    if deferred:
+        order = sorted(done, key=lambda rc: (not any(t.metric == "vs_compile" for t in rc[1].targets), rc[1].group))
+        for row, case in order:
+            if bar is not None:
+                bar.set_postfix_str(f"compile {case.id} {row['dtype']}", refresh=False)
+            if over_budget():
+                for p in deferred:
+                    row["providers"][p.name] = {"ms": None, "skipped": f"time budget of {settings.budget_s:g} s spent"}
+            else:
+                extra = run_case(case, deferred, device, row["dtype"], settings)
+                row["providers"].update(extra["providers"])
+            derive(row, copy_bw, targets_on, case, device)
+            if bar is not None:
+                bar.update(1)
+            if checkpoint is not None:
+                checkpoint(rows, skipped)
     if bar is not None:
         bar.close()
     return rows, skipped, copy_bw

@@ -168,8 +168,8 @@ def peak_memory(fn: Callable[[], object], device: torch.device | str = "cpu") ->
     """Peak memory in bytes that one call of `fn()` needs above what was in use before it
     (its outputs included, since they are alive at the peak). None where it cannot be measured."""
     dev = torch.device(device)
-    gc.collect()
     if dev.type == "cuda":
+        gc.collect()  # tensors held only by reference cycles would count as in use
         torch.cuda.synchronize(dev)
         before = torch.cuda.memory_allocated(dev)
         torch.cuda.reset_peak_memory_stats(dev)
