@@ -245,6 +245,12 @@ def notes(result: dict) -> list[str]:
         for t in r.get("targets") or []:
             if t["met"] is False:
                 n.append(f"target missed: {r['case']} [{r['dtype']}] {t['provider']}: {_f(t['value'], '{:.2f}')} {t['label']}")
+    seen = set()
+    for r in result["rows"]:
+        for p, e in r["providers"].items():
+            if e.get("note") and (p, e["note"]) not in seen:
+                seen.add((p, e["note"]))
+                n.append(f"{p}: {e['note']}")
     budget_skips = [f"{r['case']} [{r['dtype']}]" for r in result["rows"] for e in r["providers"].values() if e.get("skipped")]
     if budget_skips:
         n.append(f"torch.compile skipped for lack of time (--budget) on: {', '.join(budget_skips)}")
