@@ -397,3 +397,13 @@ def test_dtype_parsing():
     assert runner.parse_dtype("float16") == "fp16" and runner.parse_dtype("BF16") == "bf16"
     with pytest.raises(ValueError, match="--dtype"):
         runner.parse_dtype("int8")
+
+
+def test_budget_skips_and_lists_the_rest(tmp_path):
+    rc = bench.main(["--quick", "--ops", "cifar.b3", "--models", "none", "--no-progress", "--budget", "0",
+                     "--json", str(tmp_path / "r.json"), "--markdown", str(tmp_path / "r.md")])
+    assert rc == 0
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["rows"] == [] and data["complete"] is True
+    assert len(data["skipped"]) == 4 and all("time budget" in s["reason"] for s in data["skipped"])
+    assert "skipped mlpconv cifar.b3 fwd [fp32]: time budget of 0 s spent" in (tmp_path / "r.md").read_text()
