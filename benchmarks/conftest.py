@@ -180,3 +180,12 @@ def bench_run(benchmark):
         run_benchmark(benchmark, case, dtype, provider)
 
     return run
+
+
+def pytest_generate_tests(metafunc):
+    """Parametrize every test taking (case, dtype, provider) over its module's GROUP ("ops" or
+    "models"): a hook rather than `from conftest import ...`, which would find tests/conftest.py
+    when both folders are collected in one run."""
+    if {"case", "dtype", "provider"} <= set(metafunc.fixturenames):
+        metafunc.parametrize("case,dtype,provider", params(metafunc.module.GROUP))
+

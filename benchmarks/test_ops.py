@@ -1,11 +1,9 @@
 """pytest-benchmark: fastnin's ops (mlpconv, lrn, gap) against torch eager (NCHW, channels_last)
-and torch.compile, forward and forward+backward, on the NiN and AlexNet shapes. See conftest.py."""
+and torch.compile, forward and forward+backward, on the NiN and AlexNet shapes. Parametrized over
+(case, dtype, provider) by conftest.py."""
 
-import pytest
-
-from conftest import params
+GROUP = "ops"
 
 
-@pytest.mark.parametrize("case,dtype,provider", params("ops"))
 def test_op(bench_run, case, dtype, provider):
     bench_run(case, dtype, provider)
