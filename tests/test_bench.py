@@ -127,6 +127,8 @@ def test_select():
 # the CLI
 # ----------------------------------------------------------------------------------------------
 
+QUICK1 = ["--quick", "--ops", "cifar.b3+gap", "--models", "none", "--no-progress"]  # 2 tiny cases
+
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
@@ -151,7 +153,7 @@ def test_quick_cli_writes_valid_json_and_markdown(quick_run, capsys):
     assert m["commit"] == "abc1234" and m["torch"] == torch.__version__ and m["device_type"] == "cpu"
     assert "--quick" in m["command"]
     ids = [r["case"] for r in data["rows"]]
-    assert ids == ["mlpconv cifar.b3 fwd", "mlpconv cifar.b3 fwdbwd", "mlpconv cifar.b3+gap fwd", "mlpconv cifar.b3+gap fwdbwd"]
+    assert ids == [f"mlpconv cifar.b3{g} {m}" for g in ("", "+gap") for m in ("fwd", "fwdbwd")]
     for r in data["rows"]:
         assert set(r["providers"]) == {"fastnin-cpu", "eager", "eager-cl"}
         for name, e in r["providers"].items():
@@ -194,8 +196,7 @@ def test_compare(quick_run, tmp_path, capsys):
     # Through the CLI.
     (tmp_path / "old.json").write_text(json.dumps(old))
     rc = bench.main(
-        ["--quick", "--ops", "cifar.b3+gap", "--models", "none", "--no-progress", "--compare", str(tmp_path / "old.json"),
-         "--json", str(tmp_path / "new.json")]
+        QUICK1 + ["--compare", str(tmp_path / "old.json"), "--json", str(tmp_path / "new.json")]
     )
     assert rc == 0
     out = capsys.readouterr().out
@@ -231,9 +232,12 @@ def test_provider_error_is_reported_not_raised(monkeypatch, tmp_path):
 def test_junit_summary(tmp_path):
     xml = tmp_path / "junit.xml"
     xml.write_text(
-        """<?xml version="1.0"?><testsuites><testsuite name="pytest" tests="4" failures="1" errors="1" skipped="1" time="2.5">
-        <testcase classname="tests.test_lrn" name="test_fwd[cuda-bf16]"><failure message="AssertionError: max err 0.5 &gt; 0.01">trace</failure></testcase>
-        <testcase classname="tests.test_gap" name="test_bwd"><error message="RuntimeError: CUDA error">trace2</error></testcase>
+        """<?xml version="1.0"?><testsuites>
+        <testsuite name="pytest" tests="4" failures="1" errors="1" skipped="1" time="2.5">
+        <testcase classname="tests.test_lrn" name="test_fwd[cuda-bf16]">
+          <failure message="AssertionError: max err 0.5 &gt; 0.01">trace</failure></testcase>
+        <testcase classname="tests.test_gap" name="test_bwd">
+          <error message="RuntimeError: CUDA error">trace2</error></testcase>
         <testcase classname="tests.test_gap" name="test_ok"/>
         <testcase classname="tests.test_gap" name="test_skip"><skipped message="no"/></testcase>
         </testsuite></testsuites>"""
@@ -246,7 +250,7 @@ def test_junit_summary(tmp_path):
     assert "AssertionError: max err 0.5 > 0.01" in md and "RuntimeError: CUDA error" in md
     assert report.junit_summary(tmp_path / "nope.xml")["missing"]
     # Through the CLI: the parity section lands in the JSON and the Markdown.
-    rc = bench.main(["--quick", "--ops", "cifar.b3+gap", "--models", "none", "--no-progress", "--pytest-junit", str(xml),
+    rc = bench.main(QUICK1 + ["--pytest-junit", str(xml),
                      "--json", str(tmp_path / "r.json"), "--markdown", str(tmp_path / "r.md")])
     assert rc == 0
     assert json.loads((tmp_path / "r.json").read_text())["parity"]["failures"] == 1
@@ -262,7 +266,13 @@ def test_plot(quick_run, tmp_path):
 
 @pytest.mark.parametrize(
     "argv",
-    [["--dtype", "fp8"], ["--quick", "--full"], ["--batch", "0"], ["--providers", "nonsense"], ["--ops", "none", "--models", "none"]],
+    [
+        ["--dtype", "fp8"],
+        ["--quick", "--full"],
+        ["--batch", "0"],
+        ["--providers", "nonsense"],
+        ["--ops", "none", "--models", "none"],
+    ],
 )
 def test_bad_arguments_exit_2(argv):
     assert bench.main(argv + ["--no-progress"]) == 2
@@ -317,7 +327,8 @@ def test_models_through_a_standin(monkeypatch, tmp_path):
     fake = _standin_models()
     monkeypatch.setitem(sys.modules, "fastnin.models", fake)
     monkeypatch.setattr(fastnin, "models", fake, raising=False)
-    rc = bench.main(["--quick", "--ops", "none", "--models", "all", "--no-progress", "--json", str(tmp_path / "r.json")])
+    rc = bench.main(["--quick", "--ops", "none", "--models", "all", "--no-progress",
+                     "--json", str(tmp_path / "r.json")])
     assert rc == 0
     rows = {r["case"]: r for r in json.loads((tmp_path / "r.json").read_text())["rows"]}
     assert set(rows) == {"model lenet infer", "model lenet train", "model nin_cifar10 infer", "model nin_cifar10 train"}
@@ -360,7 +371,8 @@ def test_models_use_the_textbook_twin_when_offered(monkeypatch, tmp_path):
     fake.twin = twin
     monkeypatch.setitem(sys.modules, "fastnin.models", fake)
     monkeypatch.setattr(fastnin, "models", fake, raising=False)
-    rc = bench.main(["--quick", "--ops", "none", "--models", "nin_cifar10", "--no-progress", "--json", str(tmp_path / "r.json")])
+    rc = bench.main(["--quick", "--ops", "none", "--models", "nin_cifar10", "--no-progress",
+                     "--json", str(tmp_path / "r.json")])
     assert rc == 0
     assert ("nin_cifar10", 3) in built
     for r in json.loads((tmp_path / "r.json").read_text())["rows"]:

@@ -19,7 +19,6 @@ peak memory), runner (the measurement loop), report (table, JSON, Markdown, char
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
@@ -47,7 +46,9 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--batch", type=int, default=None, help="batch size of every case (default: per case and device)")
     p.add_argument("--ops", default=None, help="comma-separated: mlpconv, lrn, gap, case-name parts (cifar), all, none")
-    p.add_argument("--models", default=None, help="comma-separated model names (nin, nin_cifar10, alexnet_lrn, ...), all, none")
+    p.add_argument(
+        "--models", default=None, help="comma-separated model names (nin, nin_cifar10, alexnet_lrn, ...), all, none"
+    )
     p.add_argument(
         "--providers",
         default=None,

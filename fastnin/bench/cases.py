@@ -113,7 +113,8 @@ class Case:
 
 
 def out_hw(s: dict) -> tuple[int, int]:
-    return ((s["h"] + 2 * s["padding"] - s["k"]) // s["stride"] + 1, (s["w"] + 2 * s["padding"] - s["k"]) // s["stride"] + 1)
+    k, st, p = s["k"], s["stride"], s["padding"]
+    return ((s["h"] + 2 * p - k) // st + 1, (s["w"] + 2 * p - k) // st + 1)
 
 
 # ----------------------------------------------------------------------------------------------

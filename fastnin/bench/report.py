@@ -111,7 +111,8 @@ def meta(device, argv: list[str] | None = None) -> dict:
         "fastnin": getattr(fastnin, "__version__", None),
         "backends": fastnin.available_backends(),
         "commit": commit(),
-        "command": "python -m fastnin.bench " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
+        "command": "python -m fastnin.bench "
+        + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "host": platform.node(),
         "timing": "CUDA events per call, median, after warm-up; inputs rotated over > 2x L2"
@@ -244,14 +245,17 @@ def notes(result: dict) -> list[str]:
                 n.append(f"ERROR {r['case']} [{r['dtype']}] {p}: {e['error']}")
         for t in r.get("targets") or []:
             if t["met"] is False:
-                n.append(f"target missed: {r['case']} [{r['dtype']}] {t['provider']}: {_f(t['value'], '{:.2f}')} {t['label']}")
+                v = _f(t["value"], "{:.2f}")
+                n.append(f"target missed: {r['case']} [{r['dtype']}] {t['provider']}: {v} {t['label']}")
     seen = set()
     for r in result["rows"]:
         for p, e in r["providers"].items():
             if e.get("note") and (p, e["note"]) not in seen:
                 seen.add((p, e["note"]))
                 n.append(f"{p}: {e['note']}")
-    budget_skips = [f"{r['case']} [{r['dtype']}]" for r in result["rows"] for e in r["providers"].values() if e.get("skipped")]
+    budget_skips = [
+        f"{r['case']} [{r['dtype']}]" for r in result["rows"] for e in r["providers"].values() if e.get("skipped")
+    ]
     if budget_skips:
         n.append(f"torch.compile skipped for lack of time (--budget) on: {', '.join(budget_skips)}")
     for s in result.get("skipped", []):
@@ -282,8 +286,10 @@ def render_markdown(result: dict) -> str:
         "",
         f"- command: `{m['command']}`",
         f"- commit: `{m['commit']}`, date {m['date']}, host {m['host']}",
-        f"- device: {m['device']}" + (f", driver {m['driver']}, CUDA {m['cuda']}" if m.get("driver") or m.get("cuda") else ""),
-        f"- torch {m['torch']}, triton {m['triton']}, python {m['python']}, fastnin {m['fastnin']}; backends {m['backends']}",
+        f"- device: {m['device']}"
+        + (f", driver {m['driver']}, CUDA {m['cuda']}" if m.get("driver") or m.get("cuda") else ""),
+        f"- torch {m['torch']}, triton {m['triton']}, python {m['python']}, fastnin {m['fastnin']}; "
+        f"backends {m['backends']}",
         f"- timing: {m['timing']}",
         f"- peak memory: {m['peak_memory']}",
     ]
@@ -367,7 +373,8 @@ def plot(result: dict, path) -> None:
     ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
     ax.set_ylabel("speedup (x)")
     m = result["meta"]
-    ax.set_title(f"fastnin speedup (x, higher is better)\n{m['device']}, torch {m['torch']}, commit {m['commit']}", fontsize=8)
+    title = f"fastnin speedup (x, higher is better)\n{m['device']}, torch {m['torch']}, commit {m['commit']}"
+    ax.set_title(title, fontsize=8)
     ax.legend(fontsize=7)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -405,7 +412,8 @@ def compare(new: dict, old: dict) -> dict:
 
 
 def _compare_cells(cmp: dict) -> tuple[list[str], list[list[str]]]:
-    head = ["case", "dtype", "provider", "old x eager", "new x eager", "change", "old x compile", "new x compile", "old ms", "new ms"]
+    head = ["case", "dtype", "provider", "old x eager", "new x eager", "change"]
+    head += ["old x compile", "new x compile", "old ms", "new ms"]
     cells = [
         [
             c["case"],
