@@ -74,7 +74,14 @@ def parser() -> argparse.ArgumentParser:
         metavar="XML",
         help="a pytest --junitxml file whose counts and every failure/error go into the results (the GPU check)",
     )
-    p.add_argument("--budget", type=float, default=None, metavar="S", help="skip the remaining cases after S seconds")
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        metavar="S",
+        help="skip the remaining cases after S seconds (torch.compile deferred to the end); the plain "
+        "default CPU run has 100, 'inf' lifts it",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
