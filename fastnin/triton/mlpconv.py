@@ -536,13 +536,18 @@ def _mlpconv_dgrad_kernel(
             ow = (iw + PW - s) // SW
             ok = ok_h & (ow >= 0) & (ow < Wo)
             gbase = ((n * Ho + oh) * Wo + ow).to(tl.int64) * C1
+            # Each tap is summed apart and added only on the rows where it lands inside the
+            # output: a row whose tap falls outside multiplies zeros by W0, and 0 * NaN (a NaN
+            # or Inf weight) would otherwise reach a gradient that torch keeps finite.
+            tap = tl.zeros((BM, BN), dtype=ACC)
             for c0 in range(0, C1, BK):
                 offs_k = c0 + tl.arange(0, BK)
                 mask_k = offs_k < C1
                 a = tl.load(g1_ptr + gbase[:, None] + offs_k[None, :], mask=ok[:, None] & mask_k[None, :], other=0.0)
                 b = tl.load(w0_ptr + offs_k[:, None] * sw0 + offs_ci[None, :] * sw1 + r * sw2 + s * sw3,
                             mask=mask_k[:, None] & mask_ci[None, :], other=0.0)  # fmt: skip
-                acc = _mma(a, b, acc, DOT_PREC, UPCAST)
+                tap = _mma(a, b, tap, DOT_PREC, UPCAST)
+            acc += tl.where(ok[:, None], tap, 0.0)
     rowoff = n.to(tl.int64) * sgxn + ih.to(tl.int64) * sgxh + iw.to(tl.int64) * sgxw
     ptrs = gx_ptr + rowoff[:, None] + offs_ci.to(tl.int64)[None, :] * sgxc
     tl.store(ptrs, acc.to(gx_ptr.dtype.element_ty), mask=row_ok[:, None] & mask_ci[None, :])
