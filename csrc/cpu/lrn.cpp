@@ -51,6 +51,11 @@
 
 #include "checks.h"
 
+// No FMA contraction in this file: the vectorized loops and their scalar remainders must round
+// alike, so that a result does not depend on where an element falls in a row (and both layouts
+// give bitwise-identical results).
+#pragma GCC optimize("fp-contract=off")
+
 namespace {
 
 #define FASTNIN_INLINE inline __attribute__((always_inline))
