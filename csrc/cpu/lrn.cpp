@@ -40,6 +40,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/Version.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -47,6 +48,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "checks.h"
@@ -59,11 +61,37 @@
 namespace {
 
 #define FASTNIN_INLINE inline __attribute__((always_inline))
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define FASTNIN_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define FASTNIN_CLONES
+
+// ISA variants of the task loops: AVX-512 (with DQ/BW/VL and FMA), AVX2 + FMA, and the baseline,
+// picked once from ATen's CPU capability (so ATEN_CPU_CAPABILITY=avx2 / default selects them too,
+// as for torch's own kernels) and what the CPU reports. GCC's target_clones cannot ask for two
+// features in one clone, and its "avx2" clone has no FMA, which the polynomials below use.
+// Every variant computes the same IEEE operations (FMAs are explicit, contraction is off), so the
+// results are bitwise identical whichever runs.
+#if defined(__x86_64__) && defined(__GNUC__)
+#define FASTNIN_X86 1
+#define FASTNIN_TARGET_AVX512 __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma,f16c")))
+#define FASTNIN_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
 #endif
+
+enum class Isa { kBase, kAvx2, kAvx512 };
+
+Isa cpu_isa() {
+  static const Isa isa = [] {
+#ifdef FASTNIN_X86
+    const std::string cap = at::get_cpu_capability();
+    __builtin_cpu_init();
+    const bool fma = __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    if (cap == "AVX512" && fma && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl")) {
+      return Isa::kAvx512;
+    }
+    if ((cap == "AVX512" || cap == "AVX2") && fma && __builtin_cpu_supports("avx2")) return Isa::kAvx2;
+#endif
+    return Isa::kBase;
+  }();
+  return isa;
+}
 
 struct LrnParams {
   int64_t C;       // channels
@@ -92,7 +120,7 @@ FASTNIN_INLINE void square_row(const A* __restrict x, A* __restrict sq, int64_t 
 
 // d^nb for a positive normal double d via 2^(nb * log2 d); sets bad when d or the result is out
 // of the range where the polynomials hold (the caller then redoes that lane with std::pow).
-FASTNIN_INLINE double fast_pow(double d, double nb, int& bad) {
+FASTNIN_INLINE double fast_pow(double d, double nb, int64_t& bad) {
   uint64_t bits;
   std::memcpy(&bits, &d, 8);
   // d = 2^e * m, m in [1, 2), then m in [sqrt(1/2), sqrt(2)). The exponent goes to a double
@@ -110,27 +138,27 @@ FASTNIN_INLINE double fast_pow(double d, double nb, int& bad) {
   const double s = (m - 1.0) / (m + 1.0);
   const double s2 = s * s;
   double p = 1.0 / 11;
-  p = p * s2 + 1.0 / 9;
-  p = p * s2 + 1.0 / 7;
-  p = p * s2 + 1.0 / 5;
-  p = p * s2 + 1.0 / 3;
-  p = p * s2 + 1.0;
-  const double t = nb * (e + 2.0 * s * p * 1.4426950408889634);  // nb * log2(d)
+  p = __builtin_fma(p, s2, 1.0 / 9);
+  p = __builtin_fma(p, s2, 1.0 / 7);
+  p = __builtin_fma(p, s2, 1.0 / 5);
+  p = __builtin_fma(p, s2, 1.0 / 3);
+  p = __builtin_fma(p, s2, 1.0);
+  const double t = nb * __builtin_fma(s * p, 2.0 * 1.4426950408889634, e);  // nb * log2(d)
   // 2^t = 2^n * e^(f ln 2), n = round(t) (the 1.5 * 2^52 shifter), |f ln 2| <= 0.347: Taylor to
   // degree 9 is within 1e-11.
   const double shifter = 6755399441055744.0;
   const double tn = t + shifter;
   const double f = (t - (tn - shifter)) * 0.6931471805599453;
   double q = 1.0 / 362880;
-  q = q * f + 1.0 / 40320;
-  q = q * f + 1.0 / 5040;
-  q = q * f + 1.0 / 720;
-  q = q * f + 1.0 / 120;
-  q = q * f + 1.0 / 24;
-  q = q * f + 1.0 / 6;
-  q = q * f + 0.5;
-  q = q * f + 1.0;
-  q = q * f + 1.0;
+  q = __builtin_fma(q, f, 1.0 / 40320);
+  q = __builtin_fma(q, f, 1.0 / 5040);
+  q = __builtin_fma(q, f, 1.0 / 720);
+  q = __builtin_fma(q, f, 1.0 / 120);
+  q = __builtin_fma(q, f, 1.0 / 24);
+  q = __builtin_fma(q, f, 1.0 / 6);
+  q = __builtin_fma(q, f, 0.5);
+  q = __builtin_fma(q, f, 1.0);
+  q = __builtin_fma(q, f, 1.0);
   uint64_t nbits, qb;
   std::memcpy(&nbits, &tn, 8);  // low bits: n (two's complement), so n << 52 is the exponent step
   std::memcpy(&qb, &q, 8);
@@ -139,8 +167,8 @@ FASTNIN_INLINE double fast_pow(double d, double nb, int& bad) {
   std::memcpy(&r, &qb, 8);
   // Bitwise, not short-circuit, so that the loop stays branch-free (vectorizable); NaN fails every
   // ordered comparison and lands here too.
-  bad |= static_cast<int>(!(d >= DBL_MIN)) | static_cast<int>(!(d <= DBL_MAX)) | static_cast<int>(!(t > -1000.0)) |
-         static_cast<int>(!(t < 1000.0));
+  bad |= static_cast<int64_t>(!(d >= DBL_MIN)) | static_cast<int64_t>(!(d <= DBL_MAX)) |
+         static_cast<int64_t>(!(t > -1000.0)) | static_cast<int64_t>(!(t < 1000.0));
   return r;
 }
 
@@ -149,7 +177,7 @@ template <bool BWD>
 FASTNIN_INLINE void dpow_row(const float* __restrict sum, float* __restrict dp, float* __restrict dp1, int64_t n,
                              const LrnParams& a) {
   const double k = a.k, aos = a.aos, nb = a.neg_beta;
-  int bad = 0;
+  int64_t bad = 0;
   for (int64_t i = 0; i < n; ++i) {
     const double d = k + aos * static_cast<double>(sum[i]);
     const double r = fast_pow(d, nb, bad);
@@ -345,52 +373,50 @@ FASTNIN_INLINE void lrn_bwd_pixel_impl(const T* __restrict g, const T* __restric
   }
 }
 
-// Non-inline entry points of the task loops: float16 / bfloat16 / float32 are compiled once per
-// ISA (target_clones); float64 (gradcheck) runs the plain template.
-template <typename T>
-void lrn_fwd_planar(const T* x, T* y, const LrnParams& a, int64_t B, int64_t t0, int64_t t1, acc_t<T>* ws) {
-  lrn_fwd_planar_impl(x, y, a, B, t0, t1, ws);
-}
-template <typename T>
-void lrn_bwd_planar(const T* g, const T* x, T* gx, const LrnParams& a, int64_t B, int64_t t0, int64_t t1,
-                    acc_t<T>* ws) {
-  lrn_bwd_planar_impl(g, x, gx, a, B, t0, t1, ws);
-}
-template <typename T>
-void lrn_fwd_pixel(const T* x, T* y, const LrnParams& a, int64_t q0, int64_t q1, acc_t<T>* ws) {
-  lrn_fwd_pixel_impl(x, y, a, q0, q1, ws);
-}
-template <typename T>
-void lrn_bwd_pixel(const T* g, const T* x, T* gx, const LrnParams& a, int64_t q0, int64_t q1, acc_t<T>* ws) {
-  lrn_bwd_pixel_impl(g, x, gx, a, q0, q1, ws);
-}
-
-#define FASTNIN_LRN_CLONES(T)                                                                                 \
-  template <>                                                                                                 \
-  FASTNIN_CLONES void lrn_fwd_planar<T>(const T* x, T* y, const LrnParams& a, int64_t B, int64_t t0,         \
-                                        int64_t t1, float* ws) {                                              \
-    lrn_fwd_planar_impl(x, y, a, B, t0, t1, ws);                                                              \
-  }                                                                                                           \
-  template <>                                                                                                 \
-  FASTNIN_CLONES void lrn_bwd_planar<T>(const T* g, const T* x, T* gx, const LrnParams& a, int64_t B,         \
-                                        int64_t t0, int64_t t1, float* ws) {                                  \
-    lrn_bwd_planar_impl(g, x, gx, a, B, t0, t1, ws);                                                          \
-  }                                                                                                           \
-  template <>                                                                                                 \
-  FASTNIN_CLONES void lrn_fwd_pixel<T>(const T* x, T* y, const LrnParams& a, int64_t q0, int64_t q1,          \
-                                       float* ws) {                                                           \
-    lrn_fwd_pixel_impl(x, y, a, q0, q1, ws);                                                                  \
-  }                                                                                                           \
-  template <>                                                                                                 \
-  FASTNIN_CLONES void lrn_bwd_pixel<T>(const T* g, const T* x, T* gx, const LrnParams& a, int64_t q0,         \
-                                       int64_t q1, float* ws) {                                               \
-    lrn_bwd_pixel_impl(g, x, gx, a, q0, q1, ws);                                                              \
+// Non-inline entry points of the task loops, one per ISA variant (see cpu_isa()).
+#ifdef FASTNIN_X86
+#define FASTNIN_LRN_VARIANT(fn, impl, attr, params, args) \
+  template <typename T>                                   \
+  attr void fn params {                                   \
+    impl args;                                            \
   }
+#define FASTNIN_LRN_ENTRY(name, params, args)                                          \
+  FASTNIN_LRN_VARIANT(name##_avx512, name##_impl, FASTNIN_TARGET_AVX512, params, args) \
+  FASTNIN_LRN_VARIANT(name##_avx2, name##_impl, FASTNIN_TARGET_AVX2, params, args)     \
+  FASTNIN_LRN_VARIANT(name##_base, name##_impl, , params, args)                        \
+  template <typename T>                                                                \
+  void name params {                                                                   \
+    switch (cpu_isa()) {                                                               \
+      case Isa::kAvx512:                                                               \
+        return name##_avx512<T> args;                                                  \
+      case Isa::kAvx2:                                                                 \
+        return name##_avx2<T> args;                                                    \
+      default:                                                                         \
+        return name##_base<T> args;                                                    \
+    }                                                                                  \
+  }
+#else
+#define FASTNIN_LRN_ENTRY(name, params, args) \
+  template <typename T>                       \
+  void name params {                          \
+    name##_impl args;                         \
+  }
+#endif
 
-FASTNIN_LRN_CLONES(float)
-FASTNIN_LRN_CLONES(c10::Half)
-FASTNIN_LRN_CLONES(c10::BFloat16)
-#undef FASTNIN_LRN_CLONES
+FASTNIN_LRN_ENTRY(lrn_fwd_planar,
+                  (const T* x, T* y, const LrnParams& a, int64_t B, int64_t t0, int64_t t1, acc_t<T>* ws),
+                  (x, y, a, B, t0, t1, ws))
+FASTNIN_LRN_ENTRY(lrn_bwd_planar,
+                  (const T* g, const T* x, T* gx, const LrnParams& a, int64_t B, int64_t t0, int64_t t1,
+                   acc_t<T>* ws),
+                  (g, x, gx, a, B, t0, t1, ws))
+FASTNIN_LRN_ENTRY(lrn_fwd_pixel, (const T* x, T* y, const LrnParams& a, int64_t q0, int64_t q1, acc_t<T>* ws),
+                  (x, y, a, q0, q1, ws))
+FASTNIN_LRN_ENTRY(lrn_bwd_pixel,
+                  (const T* g, const T* x, T* gx, const LrnParams& a, int64_t q0, int64_t q1, acc_t<T>* ws),
+                  (g, x, gx, a, q0, q1, ws))
+#undef FASTNIN_LRN_ENTRY
+#undef FASTNIN_LRN_VARIANT
 
 // ---------------------------------------------------------------------------------------------
 // entry points
