@@ -332,3 +332,61 @@ def test_bad_input_backward_op(backend_device):
             ns.lrn_backward(x.double(), x, 3, ALPHA, BETA, K)
     with pytest.raises(ValueError, match="size"):
         ns.lrn_backward(x, x, 0, ALPHA, BETA, K)
+
+
+# ----------------------------------------------------------------------------------------------
+# CPU kernel variants
+# ----------------------------------------------------------------------------------------------
+
+_ISA_SCRIPT = """
+import sys, torch, fastnin
+x, go = torch.load(sys.argv[1])
+out = []
+for dt in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+    for xx in (x, x.contiguous(memory_format=torch.channels_last)):
+        xx = xx.to(dt)
+        for size, beta in ((5, 0.75), (4, 1.3)):
+            out.append(torch.ops.fastnin.lrn(xx, size, 0.6, beta, 1.5))
+            out.append(torch.ops.fastnin.lrn_backward(go.to(dt), xx, size, 0.6, beta, 1.5))
+torch.save(out, sys.argv[2])
+"""
+
+
+@pytest.mark.parametrize("capability", ["avx512", "avx2", "default"])
+def test_cpu_isa_variants_agree(tmp_path, capability):
+    """The CPU kernels' AVX-512, AVX2 and baseline variants (picked from ATen's CPU capability,
+    ATEN_CPU_CAPABILITY here) give bitwise-identical results, the default path included, and the
+    one the test run uses matches the float64 reference."""
+    import os
+    import subprocess
+    import sys
+
+    if "cpu" not in fastnin.available_backends():
+        pytest.skip("no CPU kernels")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 9, 7, 37, generator=g) * 2  # rows of 259 positions: vector bodies and remainders
+    x[0, 1, 1, 1] = float("nan")
+    x[1, 2, 3, 3] = float("inf")
+    go = torch.randn(x.shape, generator=g)
+    torch.save((x, go), tmp_path / "in.pt")
+    cwd = os.path.dirname(os.path.dirname(os.path.abspath(fastnin.__file__)))
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
+    # -c: the child imports the same fastnin as this run (installed, or the in-place build in cwd)
+    res = subprocess.run([sys.executable, "-c", _ISA_SCRIPT, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")],
+                         env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    theirs = torch.load(tmp_path / "out.pt")
+    ours = []
+    for dt in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        for xx in (x, x.contiguous(memory_format=torch.channels_last)):
+            xx = xx.to(dt)
+            for size, beta in ((5, 0.75), (4, 1.3)):
+                ours.append(torch.ops.fastnin.lrn(xx, size, 0.6, beta, 1.5))
+                ours.append(torch.ops.fastnin.lrn_backward(go.to(dt), xx, size, 0.6, beta, 1.5))
+    assert len(ours) == len(theirs)
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        assert torch.equal(a.isnan(), b.isnan()), i
+        assert torch.equal(a.nan_to_num(0.0), b.nan_to_num(0.0)), i
+    fin = x.isfinite().all(1, keepdim=True).expand_as(x)  # pixels whose windows hold no NaN / Inf
+    ref = reference.local_response_norm(x.double(), 5, 0.6, 0.75, 1.5)
+    assert_close_rule(ours[0][fin], ref[fin], reference.local_response_norm(x, 5, 0.6, 0.75, 1.5)[fin], "fp32")
