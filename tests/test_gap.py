@@ -246,3 +246,20 @@ def test_bad_input_backward_op(backend_device):
             ns.gap_backward(g, [2, 3, -1, 3], False)
         with pytest.raises(ValueError, match="grad_out must be a floating-point"):
             ns.gap_backward(g.int(), [2, 3, 3, 3], False)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_neighbour_rows_do_not_leak(backend_device, layout):
+    """NaN / Inf at the start of the next (n, c) row or pixel stay out of this one's mean (the CPU
+    kernel reads a row's remainder as one full-width step that runs into the next row)."""
+    _, device = backend_device
+    x = make_x((2, 3, 5, 7), device)  # rows of 35: one 32-wide step and a remainder of 3
+    x[0, 1, 0, 0] = float("nan")
+    x[0, 1, 0, 5] = float("inf")
+    x[1, 2, 0, 1] = float("-inf")
+    y = fastnin.ops.global_avg_pool2d(make_layout(x, layout))
+    r = x.double().mean((2, 3))
+    assert torch.equal(y.isnan(), r.isnan()) and torch.equal(y.isinf(), r.isinf())
+    fin = r.isfinite()
+    assert fin.sum() == 4
+    assert_close_rule(y[fin], r[fin], x.mean((2, 3))[fin], "finite part")

@@ -7,7 +7,9 @@
 //     in blocks of 4096 elements, each over 32 independent lanes (vector registers: the lanes
 //     keep the adds independent so that they pipeline, and each lane adds at most 128 values);
 //     the blocks' sums are added into the row total, so a long row keeps fp32 accuracy (a flat
-//     running fp32 sum stalls once the total is 2^24 times the addend).
+//     running fp32 sum stalls once the total is 2^24 times the addend). A row's remainder is one
+//     masked full-width step and the lanes are added by a fixed tree (fp32: GCC vector types,
+//     see gap_rows_f32), so results do not depend on the ISA or the thread count.
 //   * channels_last: for each image, L rows of C contiguous channels: per-channel sums over the
 //     pixels, vectorized along C, in blocks of 256 pixels added into the totals for the same
 //     reason. Tasks are (image, block of channels), so one image still spreads over the threads.

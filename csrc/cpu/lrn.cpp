@@ -29,7 +29,7 @@
 // Numerics. fp32 accumulation for fp32/fp16/bf16 (the squares and window sums in fp32), fp64 for
 // fp64. d = k + alpha/size * sum is formed in double and d^-beta computed there, then rounded
 // once to fp32, so y has about torch's own error (x / powf(d, beta)) without a scalar libm pow
-// per element: for beta = 0.75 by Newton steps on y^4 d^3 = 1 (four in fp32, one in fp64), for
+// per element: for beta = 0.75 by Newton steps on y^4 d^3 = 1 (three in fp32, one in fp64), for
 // any other beta by a vectorizable exp2(-beta * log2 d) (fp64 polynomials, ~1e-10 relative).
 // Lanes where d is 0, negative, Inf, NaN or out of the polynomials' range take std::pow, so
 // those come out as torch's pow gives them.
@@ -52,6 +52,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
@@ -209,10 +210,11 @@ FASTNIN_INLINE void dpow_row(const float* __restrict sum, float* __restrict dp, 
   int64_t bad = 0;
   if (a.beta075) {
     // beta = 0.75 (AlexNet's, GoogLeNet's, torch's default): Newton's method on y^4 d^3 = 1,
-    // y <- y (5 - y^4 d^3) / 4, which squares the relative error each step: a first guess from
-    // the exponent bits (within ~11%), four steps in fp32 (16 lanes: to fp32 rounding) and a last one in
-    // fp64 (to ~1e-13), so the result rounds like the polynomial path's, at about half its cost
-    // and without a division or a libm call. (y d)^3 y is y^4 d^3 without leaving fp32's range.
+    // y <- y (5 - y^4 d^3) / 4, whose relative error goes e -> ~2.5 e^2 per step: a first guess
+    // from the exponent bits (within ~11%), three steps in fp32 (16 lanes: to ~1e-5) and a last
+    // one in fp64 (to ~1e-9), then one rounding to fp32: at most 0.51 ulp from d^-0.75 (over
+    // 6e5 values of d across fp32's range; a fourth fp32 step would make it 0.50 ulp and cost
+    // ~10% more). No division and no libm call; (y d)^3 y is y^4 d^3 without leaving fp32's range.
     for (int64_t i = 0; i < n; ++i) {
       const double d = k + aos * static_cast<double>(sum[i]);
       const float df = static_cast<float>(d);
@@ -222,7 +224,7 @@ FASTNIN_INLINE void dpow_row(const float* __restrict sum, float* __restrict dp, 
       const uint32_t yb = 1864368128u - (db >> 1) - (db >> 2);
       float y;
       std::memcpy(&y, &yb, 4);
-      for (int it = 0; it < 4; ++it) {
+      for (int it = 0; it < 3; ++it) {
         const float u = y * df;
         y = y * __builtin_fmaf(-0.25f, u * u * u * y, 1.25f);
       }
@@ -498,6 +500,24 @@ int64_t planar_block(const LrnParams& a, int64_t rings, int64_t acc_bytes) {
   return std::min<int64_t>(B, std::max<int64_t>(16, ((a.S + 15) / 16) * 16));
 }
 
+// f(i0, i1, ws) over [0, n) in chunks of `chunk`, which the threads claim one at a time from a
+// shared counter (each with its own workspace of ws_size elements), instead of at::parallel_for's
+// fixed halves: on a shared machine, where one thread often runs late, the others take over its
+// chunks. Every chunk's output depends only on its inputs, so results do not depend on which
+// thread ran what.
+template <typename A, typename F>
+void parallel_chunks(int64_t n, int64_t chunk, int64_t ws_size, const F& f) {
+  const int64_t nchunks = (n + chunk - 1) / chunk;
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(nchunks, at::get_num_threads());
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    std::vector<A> ws(ws_size);
+    for (int64_t c = next.fetch_add(1); c < nchunks; c = next.fetch_add(1)) {
+      f(c * chunk, std::min(n, (c + 1) * chunk), ws.data());
+    }
+  });
+}
+
 // The layout the kernels see: planar unless the data is [N, S, C] (channels_last) or S == 1.
 struct LrnLayout {
   c10::MemoryFormat fmt;
@@ -529,17 +549,14 @@ at::Tensor lrn_cpu(const at::Tensor& x, int64_t size, double alpha, double beta,
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
     if (l.pixel) {
       const int64_t P = l.N * l.S;
-      const int64_t grain = std::max<int64_t>(1, 8192 / l.C);
-      at::parallel_for(0, P, grain, [&](int64_t q0, int64_t q1) {
-        std::vector<A> ws(4 * l.C + a.w);
-        lrn_fwd_pixel<scalar_t>(xp, yp, a, q0, q1, ws.data());
+      parallel_chunks<A>(P, std::max<int64_t>(1, 8192 / l.C), 4 * l.C + a.w, [&](int64_t q0, int64_t q1, A* ws) {
+        lrn_fwd_pixel<scalar_t>(xp, yp, a, q0, q1, ws);
       });
     } else {
       const int64_t B = planar_block(a, 2, sizeof(A));
       const int64_t tasks = l.N * ((l.S + B - 1) / B);
-      at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
-        std::vector<A> ws((2 * a.w + 2) * B);
-        lrn_fwd_planar<scalar_t>(xp, yp, a, B, t0, t1, ws.data());
+      parallel_chunks<A>(tasks, 1, (2 * a.w + 2) * B, [&](int64_t t0, int64_t t1, A* ws) {
+        lrn_fwd_planar<scalar_t>(xp, yp, a, B, t0, t1, ws);
       });
     }
   });
@@ -565,17 +582,14 @@ at::Tensor lrn_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, int
     scalar_t* gxp = gx.mutable_data_ptr<scalar_t>();
     if (l.pixel) {
       const int64_t P = l.N * l.S;
-      const int64_t grain = std::max<int64_t>(1, 4096 / l.C);
-      at::parallel_for(0, P, grain, [&](int64_t q0, int64_t q1) {
-        std::vector<A> ws(7 * l.C + 2 * a.w);
-        lrn_bwd_pixel<scalar_t>(gp, xp, gxp, a, q0, q1, ws.data());
+      parallel_chunks<A>(P, std::max<int64_t>(1, 4096 / l.C), 7 * l.C + 2 * a.w, [&](int64_t q0, int64_t q1, A* ws) {
+        lrn_bwd_pixel<scalar_t>(gp, xp, gxp, a, q0, q1, ws);
       });
     } else {
       const int64_t B = planar_block(a, 4, sizeof(A));
       const int64_t tasks = l.N * ((l.S + B - 1) / B);
-      at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
-        std::vector<A> ws((4 * a.w + 4) * B);
-        lrn_bwd_planar<scalar_t>(gp, xp, gxp, a, B, t0, t1, ws.data());
+      parallel_chunks<A>(tasks, 1, (4 * a.w + 4) * B, [&](int64_t t0, int64_t t1, A* ws) {
+        lrn_bwd_planar<scalar_t>(gp, xp, gxp, a, B, t0, t1, ws);
       });
     }
   });
