@@ -94,6 +94,7 @@ CASES = [
     ("rank3", (3, 10, 17), 5),
     ("rank5", (2, 6, 3, 4, 5), 3),
     ("1x1-spatial", (4, 9, 1, 1), 4),
+    ("wide-window", (1, 300, 5, 7), 201),  # w = 201 rows: the CPU walk's narrowest blocks
 ]
 CASES_INTERP = ["7ch-size3", "1ch", "C<size", "even-size4", "rank3", "rank5"]
 
