@@ -7,7 +7,9 @@
 //     in blocks of 4096 elements, each over 32 independent lanes (vector registers: the lanes
 //     keep the adds independent so that they pipeline, and each lane adds at most 128 values);
 //     the blocks' sums are added into the row total, so a long row keeps fp32 accuracy (a flat
-//     running fp32 sum stalls once the total is 2^24 times the addend).
+//     running fp32 sum stalls once the total is 2^24 times the addend). A row's remainder is one
+//     masked full-width step and the lanes are added by a fixed tree (fp32: GCC vector types,
+//     see gap_rows_f32), so results do not depend on the ISA or the thread count.
 //   * channels_last: for each image, L rows of C contiguous channels: per-channel sums over the
 //     pixels, vectorized along C, in blocks of 256 pixels added into the totals for the same
 //     reason. Tasks are (image, block of channels), so one image still spreads over the threads.
@@ -22,6 +24,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <vector>
 
@@ -43,10 +46,73 @@ constexpr int64_t kLanes = 32;
 constexpr int64_t kRowBlock = 4096;  // elements per blocked partial sum (contiguous rows)
 constexpr int64_t kPixBlock = 256;   // pixels per blocked partial sum (channels_last)
 
-// out[r] = mean of row r (L elements), rows [r0, r1).
+// GCC vector types for the fp32 row sums: the horizontal sum of the 32 lanes as a fixed tree of
+// shuffles (the same tree as the generic loop below, so the same result); written as a plain
+// loop GCC spilled the lanes and added them one by one, ~120 cycles per row, which for 13x13
+// rows (169 elements) cost more than the loads.
+typedef float v16f __attribute__((vector_size(64)));
+typedef float v8f __attribute__((vector_size(32)));
+typedef float v4f __attribute__((vector_size(16)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+
+FASTNIN_INLINE float hsum(v16f a) {
+  const v8f b = __builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7) +
+                __builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15);
+  const v4f c = __builtin_shufflevector(b, b, 0, 1, 2, 3) + __builtin_shufflevector(b, b, 4, 5, 6, 7);
+  const float d0 = c[0] + c[2], d1 = c[1] + c[3];
+  return d0 + d1;
+}
+
+FASTNIN_INLINE void gap_rows_f32(const float* __restrict x, float* __restrict out, int64_t L, int64_t rows,
+                                 int64_t r0, int64_t r1) {
+  const float* const end = x + rows * L;
+  const v16i idx = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* p = x + r * L;
+    float total = 0.0f;
+    for (int64_t b0 = 0; b0 < L; b0 += kRowBlock) {
+      const int64_t b1 = std::min(L, b0 + kRowBlock);
+      v16f a0 = {}, a1 = {};
+      int64_t i = b0;
+      for (; i + 32 <= b1; i += 32) {
+        v16f u, v;
+        std::memcpy(&u, p + i, 64);
+        std::memcpy(&v, p + i + 16, 64);
+        a0 += u;
+        a1 += v;
+      }
+      const int64_t rem = b1 - i;
+      if (rem > 0 && p + i + 32 <= end) {
+        // The remainder as one full-width step: the loads run past the row into the next one
+        // (still inside x) and a select drops those lanes, so NaN/Inf there cannot leak in.
+        v16f u, v;
+        std::memcpy(&u, p + i, 64);
+        std::memcpy(&v, p + i + 16, 64);
+        const v16i n = idx - idx + static_cast<int32_t>(rem);
+        const v16f zero = {};
+        a0 += idx < n ? u : zero;
+        a1 += idx + 16 < n ? v : zero;
+      } else {
+        float lane[32] = {};
+        for (int64_t j = 0; j < rem; ++j) lane[j] = p[i + j];
+        v16f u, v;
+        std::memcpy(&u, lane, 64);
+        std::memcpy(&v, lane + 16, 64);
+        a0 += u;
+        a1 += v;
+      }
+      total += hsum(a0 + a1);
+    }
+    out[r] = total / static_cast<float>(L);
+  }
+}
+
+// out[r] = mean of row r (L elements), rows [r0, r1) of the `rows` rows of x.
 template <typename T>
-FASTNIN_INLINE void gap_rows_impl(const T* __restrict x, T* __restrict out, int64_t L, int64_t r0, int64_t r1) {
+FASTNIN_INLINE void gap_rows_impl(const T* __restrict x, T* __restrict out, int64_t L, int64_t rows, int64_t r0,
+                                  int64_t r1) {
   using A = acc_t<T>;
+  const T* const end = x + rows * L;
   for (int64_t r = r0; r < r1; ++r) {
     const T* p = x + r * L;
     A total = A(0);
@@ -57,7 +123,18 @@ FASTNIN_INLINE void gap_rows_impl(const T* __restrict x, T* __restrict out, int6
       for (; i + kLanes <= b1; i += kLanes) {
         for (int64_t j = 0; j < kLanes; ++j) lane[j] += static_cast<A>(p[i + j]);
       }
-      for (int64_t j = 0; i + j < b1; ++j) lane[j] += static_cast<A>(p[i + j]);
+      const int64_t rem = b1 - i;
+      if (rem > 0 && p + i + kLanes <= end) {
+        // The remainder as one full-width step: the loads run past the row into the next one
+        // (still inside x) and a select drops those lanes, so NaN/Inf there cannot leak in. For
+        // NiN's short rows (13x13, 6x6) this scalar tail was a third of the time.
+        for (int64_t j = 0; j < kLanes; ++j) {
+          const A v = static_cast<A>(p[i + j]);
+          lane[j] += j < rem ? v : A(0);
+        }
+      } else {
+        for (int64_t j = 0; j < rem; ++j) lane[j] += static_cast<A>(p[i + j]);
+      }
       // Pairwise: 32 -> 16 -> ... -> 1 (a fixed order: results do not depend on the threads).
       for (int64_t h = kLanes / 2; h >= 1; h /= 2) {
         for (int64_t j = 0; j < h; ++j) lane[j] += lane[j + h];
@@ -104,8 +181,8 @@ FASTNIN_INLINE void gap_bwd_rows_impl(const T* __restrict g, int64_t gs0, int64_
 }
 
 template <typename T>
-void gap_rows(const T* x, T* out, int64_t L, int64_t r0, int64_t r1) {
-  gap_rows_impl(x, out, L, r0, r1);
+void gap_rows(const T* x, T* out, int64_t L, int64_t rows, int64_t r0, int64_t r1) {
+  gap_rows_impl(x, out, L, rows, r0, r1);
 }
 template <typename T>
 void gap_cl(const T* x, T* out, int64_t C, int64_t L, int64_t n, int64_t c0, int64_t cb, acc_t<T>* acc) {
@@ -118,8 +195,8 @@ void gap_bwd_rows(const T* g, int64_t gs0, int64_t gs1, T* gx, int64_t C, int64_
 
 #define FASTNIN_GAP_CLONES(T)                                                                                    \
   template <>                                                                                                    \
-  FASTNIN_CLONES void gap_rows<T>(const T* x, T* out, int64_t L, int64_t r0, int64_t r1) {                       \
-    gap_rows_impl(x, out, L, r0, r1);                                                                            \
+  FASTNIN_CLONES void gap_rows<T>(const T* x, T* out, int64_t L, int64_t rows, int64_t r0, int64_t r1) {         \
+    gap_rows_impl(x, out, L, rows, r0, r1);                                                                      \
   }                                                                                                              \
   template <>                                                                                                    \
   FASTNIN_CLONES void gap_cl<T>(const T* x, T* out, int64_t C, int64_t L, int64_t n, int64_t c0, int64_t cb,     \
@@ -132,10 +209,24 @@ void gap_bwd_rows(const T* g, int64_t gs0, int64_t gs1, T* gx, int64_t C, int64_
     gap_bwd_rows_impl(g, gs0, gs1, gx, C, L, r0, r1);                                                            \
   }
 
-FASTNIN_GAP_CLONES(float)
 FASTNIN_GAP_CLONES(c10::Half)
 FASTNIN_GAP_CLONES(c10::BFloat16)
 #undef FASTNIN_GAP_CLONES
+
+template <>
+FASTNIN_CLONES void gap_rows<float>(const float* x, float* out, int64_t L, int64_t rows, int64_t r0, int64_t r1) {
+  gap_rows_f32(x, out, L, rows, r0, r1);
+}
+template <>
+FASTNIN_CLONES void gap_cl<float>(const float* x, float* out, int64_t C, int64_t L, int64_t n, int64_t c0,
+                                  int64_t cb, float* acc) {
+  gap_cl_impl(x, out, C, L, n, c0, cb, acc);
+}
+template <>
+FASTNIN_CLONES void gap_bwd_rows<float>(const float* g, int64_t gs0, int64_t gs1, float* gx, int64_t C, int64_t L,
+                                        int64_t r0, int64_t r1) {
+  gap_bwd_rows_impl(g, gs0, gs1, gx, C, L, r0, r1);
+}
 
 at::Tensor gap_cpu(const at::Tensor& x) {
   fastnin::check_gap_args(x);
@@ -151,7 +242,7 @@ at::Tensor gap_cpu(const at::Tensor& x) {
     if (!cl) {
       // ~32K elements per chunk at least: below that the threads cost more than they save.
       const int64_t grain = std::max<int64_t>(1, 32768 / L);
-      at::parallel_for(0, N * C, grain, [&](int64_t r0, int64_t r1) { gap_rows<scalar_t>(xp, op, L, r0, r1); });
+      at::parallel_for(0, N * C, grain, [&](int64_t r0, int64_t r1) { gap_rows<scalar_t>(xp, op, L, N * C, r0, r1); });
     } else {
       // Channel blocks of <= 256 (a multiple of 16 where C allows): tasks (n, block).
       const int64_t nblk = (C + 255) / 256;

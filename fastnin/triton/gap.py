@@ -27,6 +27,8 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from ..ops import check_gap_args
+
 
 # Programs we want in flight before splitting S: 4 per SM on a 132-SM H100.
 _TARGET_PROGRAMS = 528
@@ -145,15 +147,12 @@ def gap_forward(x: torch.Tensor, *, split: int | None = None) -> torch.Tensor:
     `split` forces the number of programs per (image, channel block) along H*W (tests use it to
     reach the partial-sum path on small shapes); by default it is chosen to fill the GPU.
     """
-    if x.dim() != 4:
-        raise ValueError(f"gap: x must be a 4-D tensor [N, C, H, W], got {x.dim()}-D")
+    check_gap_args(x)  # rank, dtype, spatial size: the messages of every backend
     n, c, h, w = x.shape
     s = h * w
     out = x.new_empty((n, c))
     if out.numel() == 0:
         return out
-    if s == 0:
-        raise ValueError(f"gap: x must have a non-empty spatial size, got {h}x{w}")
     channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     if not channels_last and not x.is_contiguous():
         x = x.contiguous()

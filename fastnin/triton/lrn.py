@@ -39,7 +39,7 @@ from torch.library import wrap_triton
 from triton.language.extra import libdevice
 
 from .._backend import triton_interpreting
-from ..ops import lrn_output_format
+from ..ops import check_lrn_args, lrn_output_format
 
 # Largest channel tile taken whole (no halo). 512 fp32 channels x 8 pixels = 4096 elements.
 _MAX_T = 512
@@ -234,8 +234,7 @@ def _num_warps(t: int, block_s: int) -> int:
 
 def lrn_forward(x: torch.Tensor, size: int, alpha: float, beta: float, k: float) -> torch.Tensor:
     """y = x / (k + alpha/size * sum_window x^2)^beta over channels; x: Tensor[N, C, *]."""
-    if size < 1:
-        raise ValueError(f"lrn: size must be >= 1, got {size}")
+    check_lrn_args(x, size, alpha, beta, k)  # rank, dtype, size: the messages of every backend
     x, fmt, n, c, s, (sN, sC, sS), lo, hi, cl = _prep(x, size)
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt)
     if y.numel() == 0:
@@ -253,8 +252,7 @@ def lrn_forward(x: torch.Tensor, size: int, alpha: float, beta: float, k: float)
 
 def lrn_backward(grad_out: torch.Tensor, x: torch.Tensor, size: int, alpha: float, beta: float, k: float):
     """Gradient of lrn_forward with respect to x (d recomputed from x, nothing saved)."""
-    if size < 1:
-        raise ValueError(f"lrn_backward: size must be >= 1, got {size}")
+    check_lrn_args(x, size, alpha, beta, k)
     if grad_out.shape != x.shape:
         raise ValueError(f"lrn_backward: grad_out has shape {list(grad_out.shape)} but x has {list(x.shape)}")
     x, fmt, n, c, s, (sN, sC, sS), lo, hi, cl = _prep(x, size)

@@ -77,7 +77,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from .._backend import triton_interpreting
-from ..ops import empty_mlpconv_grads, empty_mlpconv_output, mlpconv_output_size
+from ..ops import check_mlpconv_args, empty_mlpconv_grads, empty_mlpconv_output, mlpconv_output_size
 
 # ------------------------------------------------------------------------------------------------
 # Device helpers
@@ -802,11 +802,8 @@ def mlpconv_forward(x, weights, biases, stride, padding, gap=False, *, max_width
     {"fwd": {"BM": .., "BK": .., optionally "BN1", "BN3", "num_warps", "num_stages"}}; tests use
     both to reach the split and multi-chunk paths with small shapes.
     """
-    weights, biases = list(weights), list(biases)
-    if not 1 <= len(weights) <= 3 or len(biases) != len(weights):
-        raise ValueError(f"mlpconv (triton): expected 1 to 3 weights and as many biases, got {len(weights)}, "
-                         f"{len(biases)}")  # fmt: skip
-    stride, padding = tuple(int(v) for v in stride), tuple(int(v) for v in padding)
+    # rank, dtypes, devices, counts, shapes: the checks and messages of every backend
+    weights, biases, stride, padding, _ = check_mlpconv_args(x, weights, biases, list(stride), list(padding))
     out = empty_mlpconv_output(x, weights, stride, padding, gap)
     if out.numel() == 0:
         return out
@@ -961,8 +958,16 @@ def mlpconv_backward(grad_out, x, weights, biases, out, stride, padding, gap, ou
     gives the last stage's ReLU mask; without it (and without gap) it is recomputed too.
     config: {"bwd": chain-kernel config, "fwd": ..., "wgrad": ..., "dgrad": ...} for tests.
     """
-    weights, biases = list(weights), list(biases)
-    stride, padding = tuple(int(v) for v in stride), tuple(int(v) for v in padding)
+    # the checks and messages of the C++ backward (csrc/cpu/mlpconv.cpp)
+    weights, biases, stride, padding, (ho_, wo_) = check_mlpconv_args(x, weights, biases, list(stride), list(padding))
+    op = "mlpconv_backward"
+    if grad_out.device != x.device:
+        raise ValueError(f"{op}: grad_out is on {grad_out.device} but x is on {x.device}")
+    if grad_out.dtype != x.dtype:
+        raise ValueError(f"{op}: grad_out has dtype {grad_out.dtype} but x has {x.dtype}")
+    want = [x.shape[0], weights[-1].shape[0]] + ([] if gap else [ho_, wo_])
+    if list(grad_out.shape) != want:
+        raise ValueError(f"{op}: grad_out must have shape {want}, got {list(grad_out.shape)}")
     need_x, need_w, need_b = (bool(v) for v in output_mask)
     gx, gws, gbs = empty_mlpconv_grads(x, weights, biases, (need_x, need_w, need_b))
     if not (need_x or need_w or need_b):
