@@ -123,9 +123,20 @@ def _params():
     return out
 
 
+# Known bugs, reported to the lead (strict xfail: remove the entry with the fix).
+KNOWN = {
+    # gap forward rejects H or W = 0, the Triton gap_backward too; the CPU gap_backward
+    # (csrc/cpu/gap.cpp, which only checks input_size >= 0) returns an empty gradient instead.
+    # csrc/cuda/gap.cu has the same check (not marked here: unverified without a GPU).
+    ("cpu", "gap-bwd-input_size-0-rows"): "bug: CPU gap_backward accepts input_size with H = 0",
+}
+
+
 @pytest.mark.parametrize("matrix,case", _params(), indirect=["matrix"])
-def test_bad_input(matrix, case):
+def test_bad_input(request, matrix, case):
     backend, device, get = matrix
+    if (backend, case.id) in KNOWN:
+        request.node.add_marker(pytest.mark.xfail(reason=KNOWN[(backend, case.id)], strict=True))
     if device == "cuda" and not HAS_CUDA:
         pytest.skip("needs a CUDA GPU")
     res = get()[case.id]
