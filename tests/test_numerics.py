@@ -66,39 +66,15 @@ def _mlpconv_setup(device, dtype):
     return x, ws, bs
 
 
-# Known bugs, reported to the lead (strict xfail: the test turns red the day they are fixed, so the
-# marks must then go). Found by this test; verified by patching the kernels locally.
-#  1. The ReLU masks of the mlpconv backward on the CPU (csrc/cpu/mlpconv.cpp relu_mask_impl and
-#     masked_grad_impl: `h > 0`) and in Triton (fastnin/triton/mlpconv.py _load_gout `z > 0` /
-#     `o > 0`, and the g2 / g1 masks `h2 > 0`, `h1 > 0`) block the gradient where the
-#     pre-activation is NaN; torch's threshold_backward (and csrc/cuda/mlpconv.cu: `!(h <= 0)`)
-#     passes it. Once a NaN/Inf is in the forward, the weight gradients then hold NaN where
-#     torch's hold +-Inf (0 * Inf instead of g * Inf). `!(h <= 0)` in those 8 places fixes all
-#     the CPU cases and all Triton cases but those of bug 2.
-#  2. Triton only: a NaN in weights[0] makes grad x NaN on border pixels too (the data gradient
-#     multiplies taps that fall outside the image, 0 * NaN); torch's is finite there.
-_MASK_BUG = "bug: mlpconv backward ReLU mask `h > 0` blocks NaN pre-activations (torch passes them)"
-_TAP_BUG = "bug: Triton mlpconv data gradient multiplies out-of-image taps (0 * NaN in weights[0])"
-
-
-def _known_nan_bug(backend, target, spots_id, gap):
-    if backend not in ("cpu", "triton") or target == "grad_out":
-        return None
-    if backend == "triton" and target == "weights[0]" and spots_id in ("mixed", "nan-ninf"):
-        return _MASK_BUG + "; " + _TAP_BUG
-    if target == "biases[1]":
-        return _MASK_BUG if gap and spots_id in ("mixed", "adjacent") else None
-    return _MASK_BUG if target == "x" or spots_id in ("mixed", "nan-ninf", "pinf") else None
-
-
+# This test found two bugs, fixed on main (d0a8518, 7eadd2b): the mlpconv backward's ReLU masks
+# on the CPU and in Triton blocked the gradient at NaN pre-activations (`h > 0`; torch's
+# threshold_backward passes it), and Triton's data gradient multiplied taps outside the image
+# (0 * NaN with a NaN in weights[0]).
 @pytest.mark.parametrize("target", ["x", "weights[0]", "biases[1]", "grad_out"])
 @pytest.mark.parametrize("spots", SPOTS, ids=["mixed", "nan-ninf", "pinf", "adjacent"])
 @pytest.mark.parametrize("gap", [False, True], ids=["map", "gap"])
-def test_mlpconv_nan_inf(request, backend_device, target, spots, gap):
-    backend, device = backend_device
-    bug = _known_nan_bug(backend, target, ["mixed", "nan-ninf", "pinf", "adjacent"][SPOTS.index(spots)], gap)
-    if bug:
-        request.node.add_marker(pytest.mark.xfail(reason=bug, strict=True))
+def test_mlpconv_nan_inf(backend_device, target, spots, gap):
+    _, device = backend_device
     x, ws, bs = _mlpconv_setup(device, torch.float32)
     if target == "x":
         x = _poison(x, target, spots)
