@@ -7,6 +7,8 @@ Environment:
   TORCH_CUDA_ARCH_LIST    GPU targets (default "8.0;9.0": A100 and H100/H200)
   MAX_JOBS                parallel compile jobs (ninja)
   DEBUG=1                 -O0 -g
+  FASTNIN_SANITIZE=1      CPU kernels only, built with AddressSanitizer + UBSan (-O1 -g); import
+                          with LD_PRELOAD=$(gcc -print-file-name=libasan.so) (see .ci/run)
 """
 
 import glob
@@ -81,6 +83,9 @@ def decide_cuda():
 
 def make_extensions():
     use_cuda, cuda_home, why = decide_cuda()
+    sanitize = os.environ.get("FASTNIN_SANITIZE", "0") == "1"
+    if sanitize and use_cuda:
+        use_cuda, why = False, "FASTNIN_SANITIZE=1 builds the CPU kernels only"
     if use_cuda:
         # cpp_extension reads CUDA_HOME when it is imported: set it first.
         os.environ["CUDA_HOME"] = cuda_home
@@ -94,6 +99,16 @@ def make_extensions():
     # No -march=native: the machine that builds and the one that runs may differ. The CPU
     # kernels pick AVX2/AVX-512 at run time (target_clones); GEMMs go to MKL/oneDNN.
     cxx = opt + ["-fopenmp", "-Wall", "-Wno-unknown-pragmas",]
+    link = ["-fopenmp"]
+    if sanitize:
+        # ---- sanitizer build (FASTNIN_SANITIZE=1), for CI's sanitizer step only ----
+        # Any UB aborts (no recover). vptr is off: torch's classes cross shared libraries, whose
+        # typeinfo UBSan's vptr check confuses with a type mismatch.
+        san = ["-fsanitize=address,undefined", "-fno-sanitize=vptr", "-fno-sanitize-recover=all",
+               "-fno-omit-frame-pointer"]
+        cxx = ["-O1", "-g"] + [f for f in cxx if f not in ("-O3", "-O0", "-g")] + san
+        link = link + san
+        _log("FASTNIN_SANITIZE=1: -fsanitize=address,undefined (CPU kernels only)")
     define_macros = [("Py_LIMITED_API", "0x030A0000")]
     include_dirs = [os.path.join(HERE, "csrc")]
     if use_cuda and cuda_sources:
@@ -104,7 +119,7 @@ def make_extensions():
             include_dirs=include_dirs,
             define_macros=define_macros + [("FASTNIN_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx, "nvcc": nvcc},
-            extra_link_args=["-fopenmp"],
+            extra_link_args=link,
             py_limited_api=True,
         )
         _log(f"building CPU + CUDA kernels ({why}; TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}; "
@@ -118,7 +133,7 @@ def make_extensions():
             include_dirs=include_dirs,
             define_macros=define_macros,
             extra_compile_args={"cxx": cxx},
-            extra_link_args=["-fopenmp"],
+            extra_link_args=link,
             py_limited_api=True,
         )
         _log(f"building CPU kernels only ({why})")

@@ -54,6 +54,14 @@ if ! skip tests; then
   [ $rc -eq 0 ] || { status=1; stamp "TESTS FAILED (rc=$rc)"; }
 fi
 
+if ! skip tests; then
+  stamp "large tensors: GAP and LRN over > 2^31 elements on the GPU (pytest -m slow tests/test_large.py)"
+  timeout 300 $PY -m pytest tests/test_large.py -q -p no:cacheprovider -m slow -k "cuda" -rfEs \
+      >"$LOG/pytest-large.log" 2>&1
+  rc=$?; tail -n 15 "$LOG/pytest-large.log"
+  [ $rc -eq 0 ] || { status=1; stamp "LARGE-TENSOR TESTS FAILED (rc=$rc)"; }
+fi
+
 if ! skip sanitize && command -v compute-sanitizer >/dev/null; then
   stamp "compute-sanitizer memcheck / racecheck over the small CUDA parity tests"
   for tool in memcheck racecheck; do

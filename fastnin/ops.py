@@ -445,6 +445,7 @@ def register_fakes(ns_name: str) -> None:
 
     @torch.library.register_fake(f"{ns_name}::mlpconv_backward")
     def _mlpconv_backward_fake(grad_out, x, weights, biases, out, stride, padding, gap, output_mask):
+        check_mlpconv_backward_args(grad_out, x, weights, biases, out, stride, padding, gap)
         weights, biases, *_ = check_mlpconv_args(x, weights, biases, stride, padding)
         return empty_mlpconv_grads(x, weights, biases, output_mask)
 
@@ -455,7 +456,7 @@ def register_fakes(ns_name: str) -> None:
 
     @torch.library.register_fake(f"{ns_name}::lrn_backward")
     def _lrn_backward_fake(grad_out, x, size, alpha, beta, k):
-        check_lrn_args(x, size, alpha, beta, k)
+        check_lrn_backward_args(grad_out, x, size, alpha, beta, k)
         return empty_lrn_output(x)
 
     @torch.library.register_fake(f"{ns_name}::gap")
@@ -465,6 +466,7 @@ def register_fakes(ns_name: str) -> None:
 
     @torch.library.register_fake(f"{ns_name}::gap_backward")
     def _gap_backward_fake(grad_out, input_size, channels_last):
+        check_gap_backward_args(grad_out, input_size)
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         return torch.empty(input_size, dtype=grad_out.dtype, device=grad_out.device, memory_format=fmt)
 
