@@ -123,13 +123,9 @@ def _params():
     return out
 
 
-# Known bugs, reported to the lead (strict xfail: remove the entry with the fix).
-KNOWN = {
-    # gap forward rejects H or W = 0, the Triton gap_backward too; the CPU gap_backward
-    # (csrc/cpu/gap.cpp, which only checks input_size >= 0) returns an empty gradient instead.
-    # csrc/cuda/gap.cu has the same check (not marked here: unverified without a GPU).
-    ("cpu", "gap-bwd-input_size-0-rows"): "bug: CPU gap_backward accepts input_size with H = 0",
-}
+# Known bugs (strict xfail: the entry must go with the fix). None open: the CPU (and CUDA)
+# gap_backward now reject an empty spatial input_size like the forward.
+KNOWN: dict = {}
 
 
 @pytest.mark.parametrize("matrix,case", _params(), indirect=["matrix"])

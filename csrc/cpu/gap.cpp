@@ -269,6 +269,9 @@ at::Tensor gap_backward_cpu(const at::Tensor& grad_out, at::IntArrayRef input_si
                     "gap_backward: grad_out must have shape [", input_size[0], ", ", input_size[1], "], got ",
                     grad_out.sizes());
   for (auto s : input_size) TORCH_CHECK_VALUE(s >= 0, "gap_backward: negative input_size ", input_size);
+  // As the forward: a mean over an empty map has no gradient to give (torch: 0/0).
+  TORCH_CHECK_VALUE(input_size[2] >= 1 && input_size[3] >= 1,
+                    "gap_backward: input_size must have a non-empty spatial size, got ", input_size);
   const int64_t N = input_size[0], C = input_size[1], L = input_size[2] * input_size[3];
   at::Tensor gx = at::empty(input_size, grad_out.options().memory_format(
                                             channels_last ? c10::MemoryFormat::ChannelsLast
