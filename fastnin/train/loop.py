@@ -215,6 +215,7 @@ class _Progress:
         self.total, self.desc, self.enabled, self.n = total, desc, enabled, 0
         self.bar = None
         self._next_line = 0.1
+        self._last = time.perf_counter()
         if enabled:
             try:
                 from tqdm import tqdm
@@ -223,6 +224,20 @@ class _Progress:
             if tqdm is not None:
                 self.bar = tqdm(total=total, desc=desc, unit="batch", file=sys.stderr, dynamic_ncols=True,
                                 leave=True)
+
+    def wants_postfix(self, now: float) -> bool:
+        """Whether the next update() should carry the running numbers. Reading them synchronizes a
+        GPU, so tqdm gets them at most every half second; plain lines at each tenth of the epoch."""
+        if not self.enabled:
+            return False
+        if self.n + 1 == self.total:
+            return True
+        if self.bar is not None:
+            if now - self._last < 0.5:
+                return False
+            self._last = now
+            return True
+        return self.n + 1 >= self._next_line * self.total
 
     def update(self, postfix: dict | None):
         self.n += 1
@@ -419,7 +434,7 @@ def _train(a, info, device, t_start, fastnin, models):
         correct = torch.zeros((), dtype=torch.int64, device=device)
         n_local = 0
         bar = _Progress(len(train_loader), f"epoch {epoch + 1}/{a.epochs}", progress_on)
-        t0 = last_post = time.perf_counter()
+        t0 = time.perf_counter()
         for x, y in train_loader:
             x = x.to(device, non_blocking=True)
             if a.channels_last:
@@ -437,9 +452,7 @@ def _train(a, info, device, t_start, fastnin, models):
             n_local += y.numel()
             now = time.perf_counter()
             postfix = None
-            # Reading the running numbers synchronizes a GPU: at most every half second (and at the end).
-            if progress_on and (now - last_post > 0.5 or bar.n + 1 == bar.total):
-                last_post = now
+            if bar.wants_postfix(now):
                 postfix = {"loss": f"{loss_sum.item() / n_local:.4f}", "acc": f"{correct.item() / n_local:.2%}",
                            "img/s": f"{n_local * info.world_size / max(now - t0, 1e-9):.0f}"}
             bar.update(postfix)
