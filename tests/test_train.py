@@ -32,7 +32,8 @@ def _digest(d) -> dict:
 
 def test_one_epoch_lenet_summary_and_checkpoint(tmp_path, capsys):
     s = run(_args(tmp_path, limit=96, batch=32))
-    assert (s["model"], s["dataset"], s["epochs"], s["train_images"], s["test_images"]) == ("lenet", "digits", 1, 96, 96)
+    got = (s["model"], s["dataset"], s["epochs"], s["train_images"], s["test_images"])
+    assert got == ("lenet", "digits", 1, 96, 96)
     assert s["input_size"] == 28 and s["world_size"] == 1 and s["params_in_sync"] is True
     assert 0.0 <= s["final_test_acc"] <= 1.0 and 0.0 <= s["final_train_acc"] <= 1.0
     assert s["images_per_s"] > 0 and s["wall_time_s"] > 0 and s["peak_memory_bytes"] > 0

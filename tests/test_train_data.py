@@ -94,7 +94,8 @@ def test_load_mnist_dir(tmp_path, gz):
     torch.testing.assert_close(test.labels, torch.from_numpy(arrays["t10k"][1].astype(np.int64)))
     # Normalization: the training set's own statistics, reused for the test set.
     x = train.images.double() / 255
-    assert train.mean[0] == pytest.approx(x.mean().item()) and train.std[0] == pytest.approx(x.std(unbiased=False).item())
+    assert train.mean[0] == pytest.approx(x.mean().item())
+    assert train.std[0] == pytest.approx(x.std(unbiased=False).item())
     assert (test.mean, test.std) == (train.mean, train.std)
     xs = torch.stack([train[i][0] for i in range(len(train))])
     assert abs(xs.mean().item()) < 1e-5 and xs.std(unbiased=False).item() == pytest.approx(1.0, abs=1e-4)

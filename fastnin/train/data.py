@@ -64,7 +64,9 @@ class ImageSet(torch.utils.data.Dataset):
 
     def __post_init__(self):
         if self.images.dim() != 4 or self.images.dtype != torch.uint8:
-            raise ValueError(f"ImageSet: images must be uint8 [N, C, H, W], got {self.images.dtype} {tuple(self.images.shape)}")
+            raise ValueError(
+                f"ImageSet: images must be uint8 [N, C, H, W], got {self.images.dtype} {tuple(self.images.shape)}"
+            )
         if self.labels.shape != (self.images.shape[0],):
             raise ValueError(f"ImageSet: {self.images.shape[0]} images but labels of shape {tuple(self.labels.shape)}")
         if not self.mean:
