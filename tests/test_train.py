@@ -62,10 +62,12 @@ def test_one_epoch_nin_cifar10(tmp_path):
         assert not torch.equal(v, trained[k]), f"{k} did not change"
 
 
-def test_bf16_channels_last_workers(tmp_path):
-    s = run(_args(None, "lenet", 1, 48, 16, "--amp", "bf16", "--channels-last", "--workers", "1", "--optimizer", "sgd"))
-    assert s["amp"] == "bf16" and s["channels_last"] and s["epochs"] == 1
-    assert s["final_train_loss"] == s["final_train_loss"]  # not NaN
+@pytest.mark.parametrize("extra", [["--amp", "bf16", "--channels-last", "--workers", "1"], ["--amp", "fp16"]],
+                         ids=["bf16-channels_last-workers", "fp16-gradscaler"])
+def test_amp_channels_last_workers(extra):
+    s = run(_args(None, "lenet", 1, 48, 16, "--optimizer", "sgd", *extra))
+    assert s["amp"] == extra[1] and s["channels_last"] == ("--channels-last" in extra) and s["epochs"] == 1
+    assert torch.isfinite(torch.tensor([h["train_loss"] for h in s["history"]])).all()
 
 
 @pytest.mark.parametrize(
