@@ -18,6 +18,9 @@ except ImportError as _e:  # most often: built against another torch than the on
         "`pip install --no-build-isolation .` (or `python setup.py build_ext --inplace` in a checkout)."
     ) from _e
 from . import nn, ops, reference
+from . import models
+from .fuse import fuse
+from .models import NiN
 from ._backend import BACKENDS, available_backends, get_backend, set_backend, use_backend
 from .ops import global_avg_pool2d, local_response_norm, mlpconv
 
@@ -35,4 +38,7 @@ __all__ = [
     "nn",
     "ops",
     "reference",
+    "models",
+    "NiN",
+    "fuse",
 ]

@@ -154,6 +154,41 @@ def check_gap_args(x) -> None:
         raise ValueError(f"{op}: x must have a non-empty spatial size, got {x.shape[2]}x{x.shape[3]}")
 
 
+def check_mlpconv_backward_args(grad_out, x, weights, biases, out, stride, padding, gap) -> None:
+    """The checks of mlpconv_backward's C++ entry point, for the Triton op called directly."""
+    op = "mlpconv_backward"
+    weights, biases, stride, padding, (ho, wo) = check_mlpconv_args(x, weights, biases, stride, padding)
+    _check_tensor(grad_out, op, "grad_out")
+    _check_like_x(grad_out, x, op, "grad_out")
+    n, cout = x.shape[0], weights[-1].shape[0]
+    want = [n, cout] if gap else [n, cout, ho, wo]
+    if list(grad_out.shape) != want:
+        raise ValueError(f"{op}: grad_out must have shape {want}, got {list(grad_out.shape)}")
+    if out is not None:
+        _check_tensor(out, op, "out")
+        _check_like_x(out, x, op, "out")
+        if list(out.shape) != want:
+            raise ValueError(f"{op}: out must have shape {want}, got {list(out.shape)}")
+
+
+def check_lrn_backward_args(grad_out, x, size, alpha, beta, k) -> None:
+    check_lrn_args(x, size, alpha, beta, k)
+    _check_tensor(grad_out, "lrn_backward", "grad_out")
+    _check_like_x(grad_out, x, "lrn_backward", "grad_out")
+    if grad_out.shape != x.shape:
+        raise ValueError(f"lrn_backward: grad_out must have x's shape {list(x.shape)}, got {list(grad_out.shape)}")
+
+
+def check_gap_backward_args(grad_out, input_size) -> None:
+    op = "gap_backward"
+    _check_tensor(grad_out, op, "grad_out")
+    _check_floating(grad_out, op, "grad_out")
+    if len(input_size) != 4 or min(input_size) < 0 or input_size[2] < 1 or input_size[3] < 1:
+        raise ValueError(f"{op}: input_size must be [N, C, H, W] with H, W >= 1, got {list(input_size)}")
+    if list(grad_out.shape) != list(input_size[:2]):
+        raise ValueError(f"{op}: grad_out must have shape {list(input_size[:2])}, got {list(grad_out.shape)}")
+
+
 # ----------------------------------------------------------------------------------------------
 # Output layouts, shared by the fake kernels here and the Triton launchers. They match what torch
 # returns for the same layer and what the C++ kernels allocate (csrc/checks.h).
@@ -223,6 +258,28 @@ def _fill_missing_biases(biases: list, weights: list) -> list:
     return [b if b is not None else w.new_zeros(w.shape[0]) for b, w in zip(biases, weights)]
 
 
+def _autocast_mlpconv_args(x, weights, biases):
+    """Under torch.autocast, cast mlpconv's floating inputs to the autocast dtype, as autocast casts
+    those of the convolutions mlpconv replaces. A custom op is not cast by autocast itself: without
+    this, a float32 model under autocast would run mlpconv in float32, and a bfloat16 activation
+    would meet float32 weights. float64 stays float64 (autocast leaves it alone too). The casts are
+    differentiable: float32 parameters get float32 gradients."""
+    if not isinstance(x, Tensor) or not torch.is_autocast_enabled(x.device.type):
+        return x, weights, biases
+    if isinstance(weights, Tensor) or not isinstance(weights, Sequence):
+        return x, weights, biases  # check_mlpconv_args reports it
+    dtype = torch.get_autocast_dtype(x.device.type)
+
+    def cast(t):
+        if isinstance(t, Tensor) and t.dtype in (torch.float32, torch.float16, torch.bfloat16):
+            return t.to(dtype)
+        return t
+
+    if biases is not None and not isinstance(biases, Tensor) and isinstance(biases, Sequence):
+        biases = [cast(b) for b in biases]
+    return cast(x), [cast(w) for w in weights], biases
+
+
 def mlpconv(
     x: Tensor,
     weights: Sequence[Tensor],
@@ -244,11 +301,15 @@ def mlpconv(
         gap: average the last stage over H and W (the last NiN block with global average pooling);
             the [N, Cout, Ho, Wo] map is then never written.
 
+    Under torch.autocast, x, weights and biases are cast to the autocast dtype first (as for the
+    convolutions mlpconv replaces).
+
     Returns:
         relu(conv1x1(relu(conv1x1(relu(conv2d(x, w0, b0, stride, padding)), w1, b1)), w2, b2)):
         Tensor[N, Cout, Ho, Wo] with Ho = (H + 2*ph - kh) // sh + 1 (channels_last when x or
         weights[0] is), or Tensor[N, Cout] with gap=True.
     """
+    x, weights, biases = _autocast_mlpconv_args(x, weights, biases)
     weights, biases, stride, padding, _ = check_mlpconv_args(x, weights, biases, stride, padding)
     gap = bool(gap)
     backend = backend_for(x, "mlpconv")

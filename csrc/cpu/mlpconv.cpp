@@ -148,25 +148,26 @@ FASTNIN_INLINE void bias_relu_impl(T* __restrict z, int64_t rows, int64_t C, int
   }
 }
 
-// g = g where h > 0, else 0 (torch's threshold_backward(g, h, 0)), rows of C channels.
+// g = 0 where h <= 0, else g: torch's threshold_backward(g, h, 0), written so that a NaN h passes
+// the gradient through as torch does (`h > 0 ? g : 0` would block it).
 template <typename T>
 FASTNIN_INLINE void relu_mask_impl(T* __restrict g, int64_t ldg, const T* __restrict h, int64_t ldh, int64_t rows,
                                    int64_t C) {
   for (int64_t r = 0; r < rows; ++r) {
     T* __restrict gr = g + r * ldg;
     const T* __restrict hr = h + r * ldh;
-    for (int64_t c = 0; c < C; ++c) gr[c] = hr[c] > T(0) ? gr[c] : T(0);
+    for (int64_t c = 0; c < C; ++c) gr[c] = hr[c] <= T(0) ? T(0) : gr[c];
   }
 }
 
-// g[r, c] = h[r, c] > 0 ? scale * go[r * gstride + c] : 0. gstride = C (a map), or 0 (the same
+// g[r, c] = h[r, c] <= 0 ? 0 : scale * go[r * gstride + c] (NaN h passes, as in torch). gstride = C (a map), or 0 (the same
 // row for every pixel: the GAP gradient of one image).
 template <typename T>
 FASTNIN_INLINE void masked_grad_impl(T* __restrict g, const T* __restrict go, int64_t gstride, const T* __restrict h,
                                      int64_t rows, int64_t C, T scale) {
   for (int64_t r = 0; r < rows; ++r) {
     const T* __restrict gr = go + r * gstride;
-    for (int64_t c = 0; c < C; ++c) g[r * C + c] = h[r * C + c] > T(0) ? gr[c] * scale : T(0);
+    for (int64_t c = 0; c < C; ++c) g[r * C + c] = h[r * C + c] <= T(0) ? T(0) : gr[c] * scale;
   }
 }
 

@@ -298,11 +298,11 @@ def _load_gout(gout_ptr, mask_ptr, row_ok, n, oh, ow, offs_c, mask_c, sgn, sgc, 
     g = tl.load(gout_ptr + goff[:, None] + offs_c.to(tl.int64)[None, :] * sgc, mask=m, other=0.0).to(ACC)
     if GAP:
         g = g / HoWo  # torch's mean backward: grad / (Ho*Wo)
-        keep = z > 0
+        keep = ~(z <= 0)  # not z > 0: a NaN pre-activation passes the gradient, as in torch
     else:
         moff = n.to(tl.int64) * smn + oh.to(tl.int64) * smh + ow.to(tl.int64) * smw
         o = tl.load(mask_ptr + moff[:, None] + offs_c.to(tl.int64)[None, :] * smc, mask=m, other=0.0)
-        keep = o > 0
+        keep = ~(o <= 0)
     return tl.where(keep & m, g, 0.0)
 
 
@@ -395,7 +395,7 @@ def _mlpconv_bwd_kernel(
                 w2 = tl.load(w2_ptr + offs3[:, None] * s2o + offs2[None, :] * s2i,
                              mask=mask3[:, None] & mask2[None, :], other=0.0)  # fmt: skip
                 gh2 = _mma(g3, w2, gh2, DOT_PREC, UPCAST)
-            g2 = tl.where(h2 > 0, gh2, 0.0)
+            g2 = tl.where(h2 <= 0, 0.0, gh2)
         g2 = g2.to(DT)
         if STORE_WB:
             _store_rows(g2_ptr, g2, p, row_ok, offs2, mask2, C2)
@@ -410,7 +410,7 @@ def _mlpconv_bwd_kernel(
             gh1 = _mma(g2, w1, tl.zeros((BM, BN1), dtype=ACC), DOT_PREC, UPCAST)
             m1 = row_ok[:, None] & mask1[None, :]
             h1 = tl.load(h1_ptr + p.to(tl.int64)[:, None] * C1 + offs1[None, :], mask=m1, other=0.0)
-            _store_rows(g1_ptr, tl.where(h1 > 0, gh1, 0.0), p, row_ok, offs1, mask1, C1)
+            _store_rows(g1_ptr, tl.where(h1 <= 0, 0.0, gh1), p, row_ok, offs1, mask1, C1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -536,13 +536,18 @@ def _mlpconv_dgrad_kernel(
             ow = (iw + PW - s) // SW
             ok = ok_h & (ow >= 0) & (ow < Wo)
             gbase = ((n * Ho + oh) * Wo + ow).to(tl.int64) * C1
+            # Each tap is summed apart and added only on the rows where it lands inside the
+            # output: a row whose tap falls outside multiplies zeros by W0, and 0 * NaN (a NaN
+            # or Inf weight) would otherwise reach a gradient that torch keeps finite.
+            tap = tl.zeros((BM, BN), dtype=ACC)
             for c0 in range(0, C1, BK):
                 offs_k = c0 + tl.arange(0, BK)
                 mask_k = offs_k < C1
                 a = tl.load(g1_ptr + gbase[:, None] + offs_k[None, :], mask=ok[:, None] & mask_k[None, :], other=0.0)
                 b = tl.load(w0_ptr + offs_k[:, None] * sw0 + offs_ci[None, :] * sw1 + r * sw2 + s * sw3,
                             mask=mask_k[:, None] & mask_ci[None, :], other=0.0)  # fmt: skip
-                acc = _mma(a, b, acc, DOT_PREC, UPCAST)
+                tap = _mma(a, b, tap, DOT_PREC, UPCAST)
+            acc += tl.where(ok[:, None], tap, 0.0)
     rowoff = n.to(tl.int64) * sgxn + ih.to(tl.int64) * sgxh + iw.to(tl.int64) * sgxw
     ptrs = gx_ptr + rowoff[:, None] + offs_ci.to(tl.int64)[None, :] * sgxc
     tl.store(ptrs, acc.to(gx_ptr.dtype.element_ty), mask=row_ok[:, None] & mask_ci[None, :])

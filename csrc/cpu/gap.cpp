@@ -1,0 +1,219 @@
+// CPU kernels of fastnin::gap (global average pooling, [N, C, H, W] -> [N, C]) and fastnin::gap_backward.
+//
+// Forward: one pass over x, fp32 accumulation for fp32/fp16/bf16 (fp64 for fp64), the mean
+// rounded once to x's dtype. fp16 sums never see fp16 range: a map of 60000s averages to 60000,
+// not inf.
+//   * contiguous: N*C rows of L = H*W contiguous elements, split over the threads. A row is summed
+//     in blocks of 4096 elements, each over 32 independent lanes (vector registers: the lanes
+//     keep the adds independent so that they pipeline, and each lane adds at most 128 values);
+//     the blocks' sums are added into the row total, so a long row keeps fp32 accuracy (a flat
+//     running fp32 sum stalls once the total is 2^24 times the addend).
+//   * channels_last: for each image, L rows of C contiguous channels: per-channel sums over the
+//     pixels, vectorized along C, in blocks of 256 pixels added into the totals for the same
+//     reason. Tasks are (image, block of channels), so one image still spreads over the threads.
+// Backward: grad_x[n, c, h, w] = grad_out[n, c] / (H*W), a broadcast fill in the layout asked for
+// (rows of one value for contiguous; for channels_last one precomputed C-vector copied per pixel).
+//
+// The loops are plain loops compiled for AVX-512, AVX2 and the baseline ISA, picked at load time
+// (target_clones, as in mlpconv.cpp): the build has no -march.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "checks.h"
+
+namespace {
+
+#define FASTNIN_INLINE inline __attribute__((always_inline))
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define FASTNIN_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define FASTNIN_CLONES
+#endif
+
+template <typename T>
+using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+constexpr int64_t kLanes = 32;
+constexpr int64_t kRowBlock = 4096;  // elements per blocked partial sum (contiguous rows)
+constexpr int64_t kPixBlock = 256;   // pixels per blocked partial sum (channels_last)
+
+// out[r] = mean of row r (L elements), rows [r0, r1).
+template <typename T>
+FASTNIN_INLINE void gap_rows_impl(const T* __restrict x, T* __restrict out, int64_t L, int64_t r0, int64_t r1) {
+  using A = acc_t<T>;
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* p = x + r * L;
+    A total = A(0);
+    for (int64_t b0 = 0; b0 < L; b0 += kRowBlock) {
+      const int64_t b1 = std::min(L, b0 + kRowBlock);
+      A lane[kLanes] = {};
+      int64_t i = b0;
+      for (; i + kLanes <= b1; i += kLanes) {
+        for (int64_t j = 0; j < kLanes; ++j) lane[j] += static_cast<A>(p[i + j]);
+      }
+      for (int64_t j = 0; i + j < b1; ++j) lane[j] += static_cast<A>(p[i + j]);
+      // Pairwise: 32 -> 16 -> ... -> 1 (a fixed order: results do not depend on the threads).
+      for (int64_t h = kLanes / 2; h >= 1; h /= 2) {
+        for (int64_t j = 0; j < h; ++j) lane[j] += lane[j + h];
+      }
+      total += lane[0];
+    }
+    out[r] = static_cast<T>(total / static_cast<A>(L));
+  }
+}
+
+// channels_last: out[n, c0:c0+cb] = mean over the L pixels of image n; acc has 2 * cb entries.
+template <typename T>
+FASTNIN_INLINE void gap_cl_impl(const T* __restrict x, T* __restrict out, int64_t C, int64_t L, int64_t n,
+                                int64_t c0, int64_t cb, acc_t<T>* __restrict acc) {
+  using A = acc_t<T>;
+  A* total = acc;
+  A* blk = acc + cb;
+  std::fill_n(total, cb, A(0));
+  const T* xn = x + n * L * C + c0;
+  for (int64_t p0 = 0; p0 < L; p0 += kPixBlock) {
+    const int64_t p1 = std::min(L, p0 + kPixBlock);
+    std::fill_n(blk, cb, A(0));
+    for (int64_t p = p0; p < p1; ++p) {
+      const T* row = xn + p * C;
+      for (int64_t c = 0; c < cb; ++c) blk[c] += static_cast<A>(row[c]);
+    }
+    for (int64_t c = 0; c < cb; ++c) total[c] += blk[c];
+  }
+  T* o = out + n * C + c0;
+  for (int64_t c = 0; c < cb; ++c) o[c] = static_cast<T>(total[c] / static_cast<A>(L));
+}
+
+// grad_x rows [r0, r1) of L elements (contiguous layout): row r = n * C + c gets g[n, c] / L.
+template <typename T>
+FASTNIN_INLINE void gap_bwd_rows_impl(const T* __restrict g, int64_t gs0, int64_t gs1, T* __restrict gx, int64_t C,
+                                      int64_t L, int64_t r0, int64_t r1) {
+  using A = acc_t<T>;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t n = r / C, c = r - n * C;
+    const T v = static_cast<T>(static_cast<A>(g[n * gs0 + c * gs1]) / static_cast<A>(L));
+    T* row = gx + r * L;
+    for (int64_t i = 0; i < L; ++i) row[i] = v;
+  }
+}
+
+template <typename T>
+void gap_rows(const T* x, T* out, int64_t L, int64_t r0, int64_t r1) {
+  gap_rows_impl(x, out, L, r0, r1);
+}
+template <typename T>
+void gap_cl(const T* x, T* out, int64_t C, int64_t L, int64_t n, int64_t c0, int64_t cb, acc_t<T>* acc) {
+  gap_cl_impl(x, out, C, L, n, c0, cb, acc);
+}
+template <typename T>
+void gap_bwd_rows(const T* g, int64_t gs0, int64_t gs1, T* gx, int64_t C, int64_t L, int64_t r0, int64_t r1) {
+  gap_bwd_rows_impl(g, gs0, gs1, gx, C, L, r0, r1);
+}
+
+#define FASTNIN_GAP_CLONES(T)                                                                                    \
+  template <>                                                                                                    \
+  FASTNIN_CLONES void gap_rows<T>(const T* x, T* out, int64_t L, int64_t r0, int64_t r1) {                       \
+    gap_rows_impl(x, out, L, r0, r1);                                                                            \
+  }                                                                                                              \
+  template <>                                                                                                    \
+  FASTNIN_CLONES void gap_cl<T>(const T* x, T* out, int64_t C, int64_t L, int64_t n, int64_t c0, int64_t cb,     \
+                                float* acc) {                                                                    \
+    gap_cl_impl(x, out, C, L, n, c0, cb, acc);                                                                   \
+  }                                                                                                              \
+  template <>                                                                                                    \
+  FASTNIN_CLONES void gap_bwd_rows<T>(const T* g, int64_t gs0, int64_t gs1, T* gx, int64_t C, int64_t L,         \
+                                      int64_t r0, int64_t r1) {                                                  \
+    gap_bwd_rows_impl(g, gs0, gs1, gx, C, L, r0, r1);                                                            \
+  }
+
+FASTNIN_GAP_CLONES(float)
+FASTNIN_GAP_CLONES(c10::Half)
+FASTNIN_GAP_CLONES(c10::BFloat16)
+#undef FASTNIN_GAP_CLONES
+
+at::Tensor gap_cpu(const at::Tensor& x) {
+  fastnin::check_gap_args(x);
+  const int64_t N = x.size(0), C = x.size(1), L = x.size(2) * x.size(3);
+  at::Tensor out = at::empty({N, C}, x.options());
+  if (out.numel() == 0) return out;
+  const bool cl = x.suggest_memory_format() == c10::MemoryFormat::ChannelsLast;
+  const at::Tensor xc = x.contiguous(cl ? c10::MemoryFormat::ChannelsLast : c10::MemoryFormat::Contiguous);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gap_cpu", [&] {
+    using A = acc_t<scalar_t>;
+    const scalar_t* xp = xc.const_data_ptr<scalar_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    if (!cl) {
+      // ~32K elements per chunk at least: below that the threads cost more than they save.
+      const int64_t grain = std::max<int64_t>(1, 32768 / L);
+      at::parallel_for(0, N * C, grain, [&](int64_t r0, int64_t r1) { gap_rows<scalar_t>(xp, op, L, r0, r1); });
+    } else {
+      // Channel blocks of <= 256 (a multiple of 16 where C allows): tasks (n, block).
+      const int64_t nblk = (C + 255) / 256;
+      const int64_t cb = std::min(C, ((C + nblk - 1) / nblk + 15) / 16 * 16);
+      const int64_t nb = (C + cb - 1) / cb;
+      const int64_t grain = std::max<int64_t>(1, 32768 / (L * cb));
+      at::parallel_for(0, N * nb, grain, [&](int64_t t0, int64_t t1) {
+        std::vector<A> acc(2 * cb);
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t n = t / nb, c0 = (t - n * nb) * cb;
+          gap_cl<scalar_t>(xp, op, C, L, n, c0, std::min(cb, C - c0), acc.data());
+        }
+      });
+    }
+  });
+  return out;
+}
+
+at::Tensor gap_backward_cpu(const at::Tensor& grad_out, at::IntArrayRef input_size, bool channels_last) {
+  TORCH_CHECK_VALUE(input_size.size() == 4, "gap_backward: input_size must have 4 values [N, C, H, W], got ",
+                    input_size);
+  fastnin::check_floating(grad_out, "gap_backward", "grad_out");
+  TORCH_CHECK_VALUE(grad_out.dim() == 2 && grad_out.size(0) == input_size[0] && grad_out.size(1) == input_size[1],
+                    "gap_backward: grad_out must have shape [", input_size[0], ", ", input_size[1], "], got ",
+                    grad_out.sizes());
+  for (auto s : input_size) TORCH_CHECK_VALUE(s >= 0, "gap_backward: negative input_size ", input_size);
+  const int64_t N = input_size[0], C = input_size[1], L = input_size[2] * input_size[3];
+  at::Tensor gx = at::empty(input_size, grad_out.options().memory_format(
+                                            channels_last ? c10::MemoryFormat::ChannelsLast
+                                                          : c10::MemoryFormat::Contiguous));
+  if (gx.numel() == 0) return gx;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(), "gap_backward_cpu", [&] {
+    using A = acc_t<scalar_t>;
+    const scalar_t* gp = grad_out.const_data_ptr<scalar_t>();
+    const int64_t s0 = grad_out.stride(0), s1 = grad_out.stride(1);
+    scalar_t* gxp = gx.mutable_data_ptr<scalar_t>();
+    if (!channels_last) {
+      const int64_t grain = std::max<int64_t>(1, 32768 / L);
+      at::parallel_for(0, N * C, grain,
+                       [&](int64_t r0, int64_t r1) { gap_bwd_rows<scalar_t>(gp, s0, s1, gxp, C, L, r0, r1); });
+    } else {
+      // The [N, C] values once, then one C-vector copy per pixel of [N, H, W, C].
+      std::vector<scalar_t> v(N * C);
+      for (int64_t n = 0; n < N; ++n) {
+        for (int64_t c = 0; c < C; ++c) {
+          v[n * C + c] = static_cast<scalar_t>(static_cast<A>(gp[n * s0 + c * s1]) / static_cast<A>(L));
+        }
+      }
+      const int64_t grain = std::max<int64_t>(1, 32768 / C);
+      at::parallel_for(0, N * L, grain, [&](int64_t q0, int64_t q1) {
+        for (int64_t q = q0; q < q1; ++q) {
+          std::memcpy(gxp + q * C, v.data() + (q / L) * C, C * sizeof(scalar_t));
+        }
+      });
+    }
+  });
+  return gx;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastnin, CPU, m) {
+  m.impl("gap", &gap_cpu);
+  m.impl("gap_backward", &gap_backward_cpu);
+}

@@ -1,0 +1,7 @@
+"""`python -m fastnin.bench`: see fastnin.bench."""
+
+import sys
+
+from . import main
+
+sys.exit(main())
