@@ -27,7 +27,7 @@ _MODELS: dict[str, tuple[str, str, int]] = {
 }
 
 __all__ = [
-    "get", "list_models", "input_size",
+    "get", "twin", "list_models", "input_size",
     "NiN", "nin", "nin_cifar10", "lenet", "alexnet", "vgg11", "googlenet", "resnet18",
 ]  # fmt: skip
 
@@ -46,6 +46,15 @@ def list_models() -> list[str]:
 def input_size(name: str) -> int:
     """The side of the square input the model is defined for (its classifier's sizes assume it)."""
     return _check_name(name)[2]
+
+
+def twin(name: str, **kwargs) -> nn.Module:
+    """The plain-torch textbook model that get(name, **kwargs) replaces (same state_dict keys, no
+    fastnin op): the baseline of the benchmarks and the oracle of the tests."""
+    _check_name(name)
+    from . import twins
+
+    return getattr(twins, name)(**kwargs)
 
 
 def get(name: str, **kwargs) -> nn.Module:
