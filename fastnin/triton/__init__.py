@@ -27,6 +27,9 @@ from .gap import gap_backward, gap_forward
 from .lrn import lrn_backward, lrn_forward
 from .mlpconv import mlpconv_backward, mlpconv_forward
 
+# The launchers below check their arguments with the functions of fastnin/ops.py (the messages of
+# the C++ entry points), so the ops called directly get the same clear errors.
+
 NAMESPACE = "fastnin_triton"
 
 # Exactly the schemas of csrc/fastnin.cpp (TORCH_LIBRARY(fastnin)), without the op names.
@@ -50,9 +53,6 @@ def _mlpconv(
     x: Tensor, weights: List[Tensor], biases: List[Optional[Tensor]], stride: List[int], padding: List[int],
     gap: bool = False,
 ) -> Tensor:
-    # The same checks as the C++ entry points, so that calling the op directly (not through
-    # fastnin.ops) still gets a clear error rather than an IndexError or a bad launch.
-    _ops.check_mlpconv_args(x, weights, biases, stride, padding)
     return mlpconv_forward(x, list(weights), list(biases), list(stride), list(padding), bool(gap))
 
 
@@ -60,29 +60,24 @@ def _mlpconv_backward(
     grad_out: Tensor, x: Tensor, weights: List[Tensor], biases: List[Optional[Tensor]], out: Optional[Tensor],
     stride: List[int], padding: List[int], gap: bool, output_mask: List[bool],
 ) -> Tuple[Tensor, List[Tensor], List[Tensor]]:
-    _ops.check_mlpconv_backward_args(grad_out, x, weights, biases, out, stride, padding, gap)
     return mlpconv_backward(
         grad_out, x, list(weights), list(biases), out, list(stride), list(padding), bool(gap), list(output_mask)
     )
 
 
 def _lrn(x: Tensor, size: int, alpha: float, beta: float, k: float) -> Tensor:
-    _ops.check_lrn_args(x, size, alpha, beta, k)
     return lrn_forward(x, size, alpha, beta, k)
 
 
 def _lrn_backward(grad_out: Tensor, x: Tensor, size: int, alpha: float, beta: float, k: float) -> Tensor:
-    _ops.check_lrn_backward_args(grad_out, x, size, alpha, beta, k)
     return lrn_backward(grad_out, x, size, alpha, beta, k)
 
 
 def _gap(x: Tensor) -> Tensor:
-    _ops.check_gap_args(x)
     return gap_forward(x)
 
 
 def _gap_backward(grad_out: Tensor, input_size: List[int], channels_last: bool) -> Tensor:
-    _ops.check_gap_backward_args(grad_out, input_size)
     return gap_backward(grad_out, input_size, channels_last)
 
 

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ..ops import check_gap_args
+from ..ops import check_gap_args, check_gap_backward_args
 
 
 # Programs we want in flight before splitting S: 4 per SM on a 132-SM H100.
@@ -181,9 +181,8 @@ def gap_forward(x: torch.Tensor, *, split: int | None = None) -> torch.Tensor:
 
 def gap_backward(grad_out: torch.Tensor, input_size, channels_last: bool) -> torch.Tensor:
     """grad_x[n, c, h, w] = grad_out[n, c] / (H*W), channels_last layout iff `channels_last`."""
+    check_gap_backward_args(grad_out, input_size)
     n, c, h, w = (int(v) for v in input_size)
-    if grad_out.dim() != 2 or tuple(grad_out.shape) != (n, c):
-        raise ValueError(f"gap_backward: grad_out must have shape [{n}, {c}], got {list(grad_out.shape)}")
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     gx = torch.empty((n, c, h, w), dtype=grad_out.dtype, device=grad_out.device, memory_format=fmt)
     if gx.numel() == 0:

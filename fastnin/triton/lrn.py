@@ -39,7 +39,7 @@ from torch.library import wrap_triton
 from triton.language.extra import libdevice
 
 from .._backend import triton_interpreting
-from ..ops import check_lrn_args, lrn_output_format
+from ..ops import check_lrn_args, check_lrn_backward_args, lrn_output_format
 
 # Largest channel tile taken whole (no halo). 512 fp32 channels x 8 pixels = 4096 elements.
 _MAX_T = 512
@@ -252,9 +252,7 @@ def lrn_forward(x: torch.Tensor, size: int, alpha: float, beta: float, k: float)
 
 def lrn_backward(grad_out: torch.Tensor, x: torch.Tensor, size: int, alpha: float, beta: float, k: float):
     """Gradient of lrn_forward with respect to x (d recomputed from x, nothing saved)."""
-    check_lrn_args(x, size, alpha, beta, k)
-    if grad_out.shape != x.shape:
-        raise ValueError(f"lrn_backward: grad_out has shape {list(grad_out.shape)} but x has {list(x.shape)}")
+    check_lrn_backward_args(grad_out, x, size, alpha, beta, k)
     x, fmt, n, c, s, (sN, sC, sS), lo, hi, cl = _prep(x, size)
     g = grad_out.to(x.dtype).contiguous(memory_format=fmt)
     gx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt)

@@ -77,7 +77,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from .._backend import triton_interpreting
-from ..ops import check_mlpconv_args, empty_mlpconv_grads, empty_mlpconv_output, mlpconv_output_size
+from ..ops import check_mlpconv_args, check_mlpconv_backward_args, empty_mlpconv_grads, empty_mlpconv_output, mlpconv_output_size
 
 # ------------------------------------------------------------------------------------------------
 # Device helpers
@@ -959,15 +959,8 @@ def mlpconv_backward(grad_out, x, weights, biases, out, stride, padding, gap, ou
     config: {"bwd": chain-kernel config, "fwd": ..., "wgrad": ..., "dgrad": ...} for tests.
     """
     # the checks and messages of the C++ backward (csrc/cpu/mlpconv.cpp)
-    weights, biases, stride, padding, (ho_, wo_) = check_mlpconv_args(x, weights, biases, list(stride), list(padding))
-    op = "mlpconv_backward"
-    if grad_out.device != x.device:
-        raise ValueError(f"{op}: grad_out is on {grad_out.device} but x is on {x.device}")
-    if grad_out.dtype != x.dtype:
-        raise ValueError(f"{op}: grad_out has dtype {grad_out.dtype} but x has {x.dtype}")
-    want = [x.shape[0], weights[-1].shape[0]] + ([] if gap else [ho_, wo_])
-    if list(grad_out.shape) != want:
-        raise ValueError(f"{op}: grad_out must have shape {want}, got {list(grad_out.shape)}")
+    check_mlpconv_backward_args(grad_out, x, weights, biases, out, stride, padding, gap)
+    weights, biases, stride, padding, _ = check_mlpconv_args(x, weights, biases, list(stride), list(padding))
     need_x, need_w, need_b = (bool(v) for v in output_mask)
     gx, gws, gbs = empty_mlpconv_grads(x, weights, biases, (need_x, need_w, need_b))
     if not (need_x or need_w or need_b):
