@@ -20,11 +20,15 @@ import sys
 import threading
 
 import pytest
+
+import fastnin
 from _bad_input_cases import CASES
 from conftest import HAS_CUDA, HAS_TRITON, INTERPRET
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
+# Where the fastnin this run imports lives (the checkout with an in-place build, or site-packages
+# when installed): the workers must import the same one, never the source tree without _C.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(fastnin.__file__)))
 # The first line (fastnin and, for triton, the Triton backend imported) and then each case.
 STARTUP_TIMEOUT_S = 180
 CASE_TIMEOUT_S = 60

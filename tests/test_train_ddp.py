@@ -16,6 +16,8 @@ import sys
 import textwrap
 
 import pytest
+
+import fastnin
 import torch
 
 from fastnin.train import load_checkpoint
@@ -26,7 +28,9 @@ pytest.importorskip("sklearn")
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                                 reason="needs torch.distributed with gloo")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The directory of the fastnin this run imports (checkout or site-packages): the torchrun workers
+# must import the same one.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(fastnin.__file__)))
 
 # Each rank trains through fastnin.train.loop.train and also saves its own final parameters, which
 # the command itself does only on rank 0.
