@@ -131,6 +131,20 @@ inline void check_gap_args(const at::Tensor& x) {
       x.size(3));
 }
 
+// gap_backward(grad_out [N, C], input_size [N, C, H, W]): as the forward, H and W >= 1 (a mean
+// over an empty map has no gradient to give; torch's would be 0/0).
+inline void check_gap_backward_args(const at::Tensor& grad_out, at::IntArrayRef input_size) {
+  TORCH_CHECK_VALUE(input_size.size() == 4, "gap_backward: input_size must have 4 values [N, C, H, W], got ",
+                    input_size);
+  check_floating(grad_out, "gap_backward", "grad_out");
+  TORCH_CHECK_VALUE(grad_out.dim() == 2 && grad_out.size(0) == input_size[0] && grad_out.size(1) == input_size[1],
+                    "gap_backward: grad_out must have shape [", input_size[0], ", ", input_size[1], "], got ",
+                    grad_out.sizes());
+  for (auto s : input_size) TORCH_CHECK_VALUE(s >= 0, "gap_backward: negative input_size ", input_size);
+  TORCH_CHECK_VALUE(input_size[2] >= 1 && input_size[3] >= 1,
+                    "gap_backward: input_size must have a non-empty spatial size, got ", input_size);
+}
+
 }  // namespace fastnin
 
 namespace fastnin {

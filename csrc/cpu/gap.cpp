@@ -29,15 +29,9 @@
 #include <vector>
 
 #include "checks.h"
+#include "cpu/attributes.h"
 
 namespace {
-
-#define FASTNIN_INLINE inline __attribute__((always_inline))
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define FASTNIN_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define FASTNIN_CLONES
-#endif
 
 template <typename T>
 using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
@@ -262,16 +256,7 @@ at::Tensor gap_cpu(const at::Tensor& x) {
 }
 
 at::Tensor gap_backward_cpu(const at::Tensor& grad_out, at::IntArrayRef input_size, bool channels_last) {
-  TORCH_CHECK_VALUE(input_size.size() == 4, "gap_backward: input_size must have 4 values [N, C, H, W], got ",
-                    input_size);
-  fastnin::check_floating(grad_out, "gap_backward", "grad_out");
-  TORCH_CHECK_VALUE(grad_out.dim() == 2 && grad_out.size(0) == input_size[0] && grad_out.size(1) == input_size[1],
-                    "gap_backward: grad_out must have shape [", input_size[0], ", ", input_size[1], "], got ",
-                    grad_out.sizes());
-  for (auto s : input_size) TORCH_CHECK_VALUE(s >= 0, "gap_backward: negative input_size ", input_size);
-  // As the forward: a mean over an empty map has no gradient to give (torch: 0/0).
-  TORCH_CHECK_VALUE(input_size[2] >= 1 && input_size[3] >= 1,
-                    "gap_backward: input_size must have a non-empty spatial size, got ", input_size);
+  fastnin::check_gap_backward_args(grad_out, input_size);
   const int64_t N = input_size[0], C = input_size[1], L = input_size[2] * input_size[3];
   at::Tensor gx = at::empty(input_size, grad_out.options().memory_format(
                                             channels_last ? c10::MemoryFormat::ChannelsLast

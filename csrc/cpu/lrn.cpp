@@ -61,6 +61,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "cpu/attributes.h"
 
 // No FMA contraction in this file: the vectorized loops and their scalar remainders must round
 // alike, so that a result does not depend on where an element falls in a row (and both layouts
@@ -68,8 +69,6 @@
 #pragma GCC optimize("fp-contract=off")
 
 namespace {
-
-#define FASTNIN_INLINE inline __attribute__((always_inline))
 
 // ISA variants of the task loops: AVX-512 (with DQ/BW/VL and FMA), AVX2 + FMA, and the baseline,
 // picked once from ATen's CPU capability (so ATEN_CPU_CAPABILITY=avx2 / default selects them too,

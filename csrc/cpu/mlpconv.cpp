@@ -48,6 +48,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "cpu/attributes.h"
 
 // Fortran BLAS, as exported by libtorch_cpu (MKL) on the usual torch builds. Weak: where a torch
 // build does not export them, they are null and gemm_rm() falls back to at::mm.
@@ -122,12 +123,6 @@ void gemm_rm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const T* A, int6
 // are leaf functions compiled for AVX-512 / AVX2 / baseline and picked at load time
 // (target_clones), since the build has no -march. double (gradcheck) uses the plain template.
 // ---------------------------------------------------------------------------------------------
-#define FASTNIN_INLINE inline __attribute__((always_inline))
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define FASTNIN_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define FASTNIN_CLONES
-#endif
 
 // z = relu(z + bias) on rows of C channels. relu keeps NaN, like torch's (v < 0 is false for NaN).
 template <typename T>

@@ -320,16 +320,7 @@ at::Tensor gap_cuda(const at::Tensor& x) {
 }
 
 at::Tensor gap_backward_cuda(const at::Tensor& grad_out, at::IntArrayRef input_size, bool channels_last) {
-  TORCH_CHECK_VALUE(input_size.size() == 4, "gap_backward: input_size must have 4 values [N, C, H, W], got ",
-                    input_size);
-  fastnin::check_floating(grad_out, "gap_backward", "grad_out");
-  TORCH_CHECK_VALUE(grad_out.dim() == 2 && grad_out.size(0) == input_size[0] && grad_out.size(1) == input_size[1],
-                    "gap_backward: grad_out must have shape [", input_size[0], ", ", input_size[1], "], got ",
-                    grad_out.sizes());
-  for (auto s : input_size) TORCH_CHECK_VALUE(s >= 0, "gap_backward: negative input_size ", input_size);
-  // As the forward: a mean over an empty map has no gradient to give (torch: 0/0).
-  TORCH_CHECK_VALUE(input_size[2] >= 1 && input_size[3] >= 1,
-                    "gap_backward: input_size must have a non-empty spatial size, got ", input_size);
+  fastnin::check_gap_backward_args(grad_out, input_size);
   c10::cuda::CUDAGuard guard(grad_out.device());
   const int64_t C = input_size[1], HW = input_size[2] * input_size[3];
   at::Tensor gx = at::empty(input_size, grad_out.options().memory_format(

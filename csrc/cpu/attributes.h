@@ -1,0 +1,14 @@
+// Function attributes shared by the CPU kernels.
+//
+// FASTNIN_INLINE: the generic bodies of the per-tile loops, inlined into each ISA variant.
+// FASTNIN_CLONES: a float leaf function compiled for AVX-512, AVX2 and the baseline ISA and picked
+// at load time (GCC target_clones), since the build has no -march (the machine that builds and the
+// one that runs may differ). Other compilers get the baseline only.
+#pragma once
+
+#define FASTNIN_INLINE inline __attribute__((always_inline))
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define FASTNIN_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define FASTNIN_CLONES
+#endif
