@@ -1,5 +1,7 @@
 """The plain-torch twins of fastnin.models (they live in fastnin/models/twins.py, where the
-benchmarks reach them through fastnin.models.twin()); re-exported for the tests."""
+benchmarks reach them through fastnin.models.twin()); every name of that module, private
+helpers included, re-exported for the tests."""
 
-from fastnin.models.twins import *  # noqa: F401,F403
-from fastnin.models.twins import Inception, Residual, nin_block, resnet_block, vgg  # noqa: F401
+import fastnin.models.twins as _twins
+
+globals().update({k: v for k, v in vars(_twins).items() if not k.startswith("__")})
