@@ -20,8 +20,11 @@
 // written on: MKL sgemm reaches 135-175 GF/s per core on the tile shapes (T = 64..512 rows,
 // K = 75..2400, N = 96..192), oneDNN's direct convolution ~190 GF/s on the 5x5 96->192 layer.
 // Tiles of whole images through a oneDNN convolution per tile, then the 1x1 stages, were tried:
-// within 5% of this design forward and no better backward, so the KxK stage stays im2col + GEMM.
-// The backward recomputes the KxK product, ~1.3x the FLOPs of torch's backward for a 5x5 block.
+// within 5% of this design forward and no better backward. Where the stride is 1 and the stage
+// wide enough, the KxK stage runs as Winograd F(2x2, 3x3) instead (winograd.h: 1.56x fewer
+// multiplies for 5x5, 2.25x for 3x3), chosen per call by use_winograd(); im2col + GEMM elsewhere.
+// The backward recomputes the KxK product, ~1.3x the FLOPs of torch's backward for a 5x5 block
+// with im2col (Winograd's backward multiplies shrink with its forward's).
 //
 // The backward keeps nothing from the forward but x and out: per tile it recomputes P and the
 // hidden activations (the last stage's ReLU mask comes from `out` when given, so a one-stage
@@ -44,79 +47,23 @@
 
 #include <algorithm>
 #include <climits>
+#include <cstdlib>
+#include <optional>
+#include <string>
 #include <cstring>
 #include <vector>
 
 #include "checks.h"
 #include "cpu/attributes.h"
-
-// Fortran BLAS, as exported by libtorch_cpu (MKL) on the usual torch builds. Weak: where a torch
-// build does not export them, they are null and gemm_rm() falls back to at::mm.
-extern "C" {
-void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
-            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
-            const int* ldc) __attribute__((weak));
-void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
-            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
-            const int* ldc) __attribute__((weak));
-}
+#include "cpu/gemm.h"
+#include "cpu/winograd.h"
 
 namespace {
 
 using fastnin::MlpconvShape;
-
-// ---------------------------------------------------------------------------------------------
-// GEMM on row-major matrices: C[M, N] = op(A)[M, K] op(B)[K, N] + beta * C, with op(X) = X or X^T
-// (ta / tb), leading dimensions in elements. beta is 0 (C is not read: garbage or NaN there does
-// not leak in) or 1.
-// ---------------------------------------------------------------------------------------------
-template <typename T>
-void gemm_fallback(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B,
-                   int64_t ldb, T beta, T* C, int64_t ldc) {
-  const auto opt = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
-  auto a = ta ? at::from_blob(const_cast<T*>(A), {M, K}, {1, lda}, opt)
-              : at::from_blob(const_cast<T*>(A), {M, K}, {lda, 1}, opt);
-  auto b = tb ? at::from_blob(const_cast<T*>(B), {K, N}, {1, ldb}, opt)
-              : at::from_blob(const_cast<T*>(B), {K, N}, {ldb, 1}, opt);
-  auto c = at::from_blob(C, {M, N}, {ldc, 1}, opt);
-  if (beta == T(0)) {
-    c.copy_(at::mm(a, b));
-  } else {
-    c.add_(at::mm(a, b));
-  }
-}
-
-template <typename T>
-void gemm_rm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb,
-             T beta, T* C, int64_t ldc) {
-  if (M == 0 || N == 0) return;
-  if (K == 0) {
-    if (beta == T(0)) {
-      for (int64_t i = 0; i < M; ++i) std::fill_n(C + i * ldc, N, T(0));
-    }
-    return;
-  }
-  // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: swap the operands.
-  const char tra = tb ? 'T' : 'N', trb = ta ? 'T' : 'N';
-  const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
-  const int la = static_cast<int>(std::max<int64_t>(ldb, 1)), lb = static_cast<int>(std::max<int64_t>(lda, 1)),
-            lc = static_cast<int>(std::max<int64_t>(ldc, 1));
-  const T one = T(1);
-#ifndef FASTNIN_MLPCONV_NO_BLAS  // (defined only to test the fallback)
-  if constexpr (std::is_same_v<T, float>) {
-    if (sgemm_ != nullptr) {
-      sgemm_(&tra, &trb, &m, &n, &k, &one, B, &la, A, &lb, &beta, C, &lc);
-      return;
-    }
-  } else {
-    if (dgemm_ != nullptr) {
-      dgemm_(&tra, &trb, &m, &n, &k, &one, B, &la, A, &lb, &beta, C, &lc);
-      return;
-    }
-  }
-#endif
-  gemm_fallback<T>(ta, tb, M, N, K, A, lda, B, ldb, beta, C, ldc);
-}
+using fastnin::cpu::gemm_rm;
+using fastnin::cpu::Winograd;
+using fastnin::cpu::WinoWork;
 
 // ---------------------------------------------------------------------------------------------
 // Pointwise pieces of a tile. The generic bodies are always_inline templates; the float versions
@@ -235,11 +182,15 @@ struct Tiling {
   int64_t N, HW;
   int64_t tpi = 1, ipt = 1, tsize = 1, ntiles = 0;
 
-  Tiling(int64_t N_, int64_t HW_, int64_t target) : N(N_), HW(HW_) {
+  // align: tiles that cut an image hold a multiple of `align` pixels (Winograd: 2 output rows).
+  Tiling(int64_t N_, int64_t HW_, int64_t target, int64_t align = 1) : N(N_), HW(HW_) {
     target = std::max<int64_t>(target, 1);
-    if (HW >= target) {
+    if (HW > target) {
       tpi = (HW + target - 1) / target;
       tsize = (HW + tpi - 1) / tpi;  // even split of the image
+      tsize = (tsize + align - 1) / align * align;
+      tpi = (HW + tsize - 1) / tsize;
+      if (tpi == 1) tsize = HW;
       ntiles = N * tpi;
     } else {
       ipt = std::max<int64_t>(1, target / HW);
@@ -272,6 +223,45 @@ int64_t tile_target(const MlpconvShape& s, int64_t elem) {
   int64_t t = (int64_t(5) << 18) / std::max<int64_t>(elem * K, 1);
   t = std::max<int64_t>(64, std::min<int64_t>(512, t));
   return t;
+}
+
+bool all_finite(const at::Tensor& t) { return !t.defined() || at::isfinite(t).all().item<bool>(); }
+
+// The first stage's algorithm: Winograd (winograd.h) where the stride is 1, the kernel at least
+// 3x3 and Cin >= 16 (below that the stage is memory-bound: the CIFAR NiN's 5x5 3->192 first block
+// ran no faster), im2col + GEMM elsewhere. FASTNIN_CPU_CONV=im2col or winograd forces one where it
+// applies; the tests run both. Winograd needs stride 1, a kernel other than 1x1, and finite x,
+// weight (and grad_out in the backward): its transforms mix neighbouring pixels, so an Inf would
+// meet -Inf (NaN) or reach outputs whose receptive field does not hold it, unlike torch's
+// convolution. The check is one pass over those tensors (~1% of a CIFAR block's forward).
+bool use_winograd(const MlpconvShape& s, const at::Tensor& x, const at::Tensor& w0,
+                  const at::Tensor& grad_out = at::Tensor()) {
+  bool wanted = s.kh >= 3 && s.kw >= 3 && s.Cin >= 16;
+  const char* env = std::getenv("FASTNIN_CPU_CONV");
+  if (env != nullptr && *env != '\0') {
+    const std::string v(env);
+    TORCH_CHECK_VALUE(v == "auto" || v == "winograd" || v == "im2col",
+                      "FASTNIN_CPU_CONV must be auto, im2col or winograd, got '", v, "'");
+    if (v != "auto") wanted = v == "winograd";
+  }
+  if (s.sh != 1 || s.sw != 1 || (s.kh == 1 && s.kw == 1)) return false;
+  return wanted && all_finite(x) && all_finite(w0) && all_finite(grad_out);
+}
+
+// Winograd work items: ~128 2x2 tiles (512 pixels), whole images or bands of an even number of
+// output rows. Measured on the CIFAR NiN's blocks 2 and 3 at batch 32 (1 thread): 512 pixels ran
+// ~5% faster than 256 forward and ~8% backward (the weight-gradient GEMM's depth is the tile
+// count), 1024 and 2048 no faster (the 16 transformed input blocks outgrow the 2 MB L2).
+Tiling make_tiling(const MlpconvShape& s, int64_t elem, bool wino) {
+  if (!wino) return Tiling(s.N, s.Ho * s.Wo, tile_target(s, elem));
+  return Tiling(s.N, s.Ho * s.Wo, 512, 2 * s.Wo);
+}
+
+// The most 2x2 tiles a Winograd work item of `tl` holds.
+int64_t wino_tmax(const MlpconvShape& s, const Tiling& tl) {
+  const int64_t per_image = std::min(tl.tsize, tl.HW);
+  const int64_t tile_rows = ((per_image + s.Wo - 1) / s.Wo + 1) / 2;
+  return (tl.tpi > 1 ? 1 : tl.ipt) * tile_rows * ((s.Wo + 1) / 2);
 }
 
 // im2col of pixels [q0, q1) into P[T, K], (kh, kw, cin) order, zeros for the padding.
@@ -340,7 +330,8 @@ struct Params {
 
 template <typename acc_t>
 Params<acc_t> pack_params(const MlpconvShape& s, at::TensorList weights,
-                          const c10::List<std::optional<at::Tensor>>& biases, bool need_wt, bool need_w) {
+                          const c10::List<std::optional<at::Tensor>>& biases, bool need_wt, bool need_w,
+                          bool skip_first = false) {
   const auto acc = c10::CppTypeToScalarType<acc_t>::value;
   Params<acc_t> p;
   p.S = s.stages();
@@ -349,8 +340,9 @@ Params<acc_t> pack_params(const MlpconvShape& s, at::TensorList weights,
     at::Tensor w = weights[i].to(acc).permute({0, 2, 3, 1});
     const int64_t C = w.size(0), Kin = w.size(1) * w.size(2) * w.size(3);
     p.Kin.push_back(Kin);
-    p.Wt.push_back(need_wt ? w.reshape({C, Kin}).t().contiguous() : at::Tensor());
-    p.W.push_back(need_w ? w.contiguous().view({C, Kin}) : at::Tensor());
+    const bool skip = skip_first && i == 0;  // stage 0 runs through Winograd
+    p.Wt.push_back(need_wt && !skip ? w.reshape({C, Kin}).t().contiguous() : at::Tensor());
+    p.W.push_back(need_w && !skip ? w.contiguous().view({C, Kin}) : at::Tensor());
     const std::optional<at::Tensor> b = biases[i];
     p.b.push_back(b.has_value() && b->defined() ? b->to(acc).contiguous() : at::Tensor());
   }
@@ -389,9 +381,12 @@ void mlpconv_forward_impl(const MlpconvShape& s, const at::Tensor& x, at::Tensor
 
   const at::Tensor xc = x.to(acc).contiguous(at::MemoryFormat::ChannelsLast);  // NHWC
   const acc_t* xp = xc.data_ptr<acc_t>();
-  const Params<acc_t> prm = pack_params<acc_t>(s, weights, biases, /*wt=*/true, /*w=*/false);
+  const bool wino = use_winograd(s, x, weights[0]);
+  const Params<acc_t> prm = pack_params<acc_t>(s, weights, biases, /*wt=*/true, /*w=*/false, wino);
 
-  const Tiling tl(N, HW, tile_target(s, sizeof(acc_t)));
+  const Tiling tl = make_tiling(s, sizeof(acc_t), wino);
+  std::optional<Winograd<acc_t>> winop;
+  if (wino) winop.emplace(s, weights[0], wino_tmax(s, tl));
   const bool out_nhwc = !gap && out.is_contiguous(at::MemoryFormat::ChannelsLast);
   // Writing the last stage straight into the output saves a copy when it has the compute type.
   const bool direct = out_nhwc && std::is_same_v<scalar_t, acc_t>;
@@ -400,9 +395,12 @@ void mlpconv_forward_impl(const MlpconvShape& s, const at::Tensor& x, at::Tensor
   std::vector<double> gap_part(gap ? tl.ntiles * Cout * (tl.tpi > 1 ? 1 : tl.ipt) : 0);
 
   at::parallel_for(0, tl.ntiles, 1, [&](int64_t tb, int64_t te) {
-    std::vector<acc_t> Pv, Av, Bv;
+    // Per-thread buffers kept from call to call: allocating them afresh cost page faults on
+    // every call (~1% of a 32x96x16x16 5x5 block forward).
+    static thread_local std::vector<acc_t> Pv, Av, Bv;
+    static thread_local WinoWork<acc_t> wk;
     const int64_t T = tl.max_rows();
-    acc_t* P = pointwise ? nullptr : buf(Pv, T * K);
+    acc_t* P = pointwise || wino ? nullptr : buf(Pv, T * K);
     acc_t* hA = buf(Av, T * s.max_channels());
     acc_t* hB = buf(Bv, T * s.max_channels());
     for (int64_t t = tb; t < te; ++t) {
@@ -412,6 +410,8 @@ void mlpconv_forward_impl(const MlpconvShape& s, const at::Tensor& x, at::Tensor
       const acc_t* a = nullptr;
       if (pointwise) {
         a = xp + q0 * s.Cin;
+      } else if (wino) {
+        winop->transform_input(xp, q0, q1, wk);
       } else {
         im2col_tile(xp, s, q0, q1, P);
         a = P;
@@ -424,7 +424,11 @@ void mlpconv_forward_impl(const MlpconvShape& s, const at::Tensor& x, at::Tensor
         if (i == S - 1 && direct) {
           z = reinterpret_cast<acc_t*>(op) + q0 * Cout;
         }
-        gemm_rm<acc_t>(false, false, rows, C, kin, a, kin, prm.wt(i), C, acc_t(0), z, ldz);
+        if (i == 0 && wino) {
+          winop->multiply_output(q0, q1, wk, z);
+        } else {
+          gemm_rm<acc_t>(false, false, rows, C, kin, a, kin, prm.wt(i), C, acc_t(0), z, ldz);
+        }
         bias_relu(z, rows, C, ldz, prm.bias(i));
         a = z;
         kin = C;
@@ -523,7 +527,8 @@ void mlpconv_backward_impl(const MlpconvShape& s, const at::Tensor& grad_out, co
 
   const at::Tensor xc = x.to(acc).contiguous(at::MemoryFormat::ChannelsLast);
   const acc_t* xp = xc.data_ptr<acc_t>();
-  const Params<acc_t> prm = pack_params<acc_t>(s, weights, biases, /*wt=*/n_recompute > 0, /*w=*/true);
+  const bool wino = use_winograd(s, x, weights[0], grad_out);
+  const Params<acc_t> prm = pack_params<acc_t>(s, weights, biases, /*wt=*/n_recompute > 0, /*w=*/true, wino);
 
   // grad_out as [N*HW, Cout] rows (or [N, Cout] for gap), compute type
   const at::Tensor go =
@@ -536,7 +541,9 @@ void mlpconv_backward_impl(const MlpconvShape& s, const at::Tensor& grad_out, co
     outp = oc.data_ptr<acc_t>();
   }
 
-  const Tiling tl(N, HW, tile_target(s, sizeof(acc_t)));
+  const Tiling tl = make_tiling(s, sizeof(acc_t), wino);
+  std::optional<Winograd<acc_t>> winop;
+  if (wino) winop.emplace(s, weights[0], wino_tmax(s, tl));
   const int64_t nchunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tl.ntiles));
   // One chunk of consecutive tiles per thread. grad_x can be shared by all chunks when no image
   // is split between two chunks (tiles of whole images, or chunk boundaries on image
@@ -578,17 +585,20 @@ void mlpconv_backward_impl(const MlpconvShape& s, const at::Tensor& grad_out, co
   }
   std::vector<acc_t> gw_acc(need_w ? nchunks * wsize : 0, acc_t(0));
   std::vector<double> gb_acc(need_b ? nchunks * bsize : 0, 0.0);
+  // Winograd: stage 0's weight gradient accumulates in the transformed domain, per chunk.
+  const int64_t usize = wino && need_w ? winop->u_size() : 0;
+  std::vector<acc_t> dU_acc(nchunks * usize, acc_t(0));
 
   at::parallel_for(0, nchunks, 1, [&](int64_t cb, int64_t ce) {
     const int64_t T = tl.max_rows();
-    std::vector<acc_t> Pv, Hv, Gv0, Gv1;
-    acc_t* P = need_P && !pointwise ? buf(Pv, T * K) : nullptr;
+    static thread_local std::vector<acc_t> Pv, Hv, Gv0, Gv1, GPv;  // kept from call to call (see the forward)
+    static thread_local WinoWork<acc_t> wk;
+    acc_t* P = need_P && !pointwise && !wino ? buf(Pv, T * K) : nullptr;
     // h_1 .. h_{S-1} (and h_S when recomputed), each [T, C_s]
     acc_t* H = buf(Hv, T * Cmax * S);
     acc_t* G0 = buf(Gv0, T * Cmax);
     acc_t* G1 = buf(Gv1, T * Cmax);
     // gP: reuses P's buffer once gW_0 is done, or its own when P is not needed
-    std::vector<acc_t> GPv;
     for (int64_t c = cb; c < ce; ++c) {
       acc_t* gw = need_w ? gw_acc.data() + c * wsize : nullptr;
       double* gb = need_b ? gb_acc.data() + c * bsize : nullptr;
@@ -602,6 +612,8 @@ void mlpconv_backward_impl(const MlpconvShape& s, const at::Tensor& grad_out, co
         if (need_P) {
           if (pointwise) {
             a[0] = xp + q0 * Cin;
+          } else if (wino) {
+            winop->transform_input(xp, q0, q1, wk);
           } else {
             im2col_tile(xp, s, q0, q1, P);
             a[0] = P;
@@ -609,8 +621,12 @@ void mlpconv_backward_impl(const MlpconvShape& s, const at::Tensor& grad_out, co
         }
         for (int64_t i = 0; i < n_recompute; ++i) {
           acc_t* z = H + i * T * Cmax;
-          gemm_rm<acc_t>(false, false, rows, s.C[i], prm.Kin[i], a[i], prm.Kin[i], prm.wt(i), s.C[i], acc_t(0), z,
-                         s.C[i]);
+          if (i == 0 && wino) {
+            winop->multiply_output(q0, q1, wk, z);
+          } else {
+            gemm_rm<acc_t>(false, false, rows, s.C[i], prm.Kin[i], a[i], prm.Kin[i], prm.wt(i), s.C[i], acc_t(0),
+                           z, s.C[i]);
+          }
           bias_relu(z, rows, s.C[i], s.C[i], prm.bias(i));
           a[i + 1] = z;
         }
@@ -632,6 +648,12 @@ void mlpconv_backward_impl(const MlpconvShape& s, const at::Tensor& grad_out, co
         for (int64_t i = S - 1; i >= 0; --i) {
           const int64_t C = s.C[i], Kin = prm.Kin[i];
           if (need_b) colsum_add(g, rows, C, C, gb + boff[i]);
+          if (i == 0 && wino) {
+            if (need_w || need_x) {
+              winop->backward(g, q0, q1, wk, need_w ? dU_acc.data() + c * usize : nullptr, need_x ? gx : nullptr);
+            }
+            break;
+          }
           if (need_w) {
             // gW_i[C, Kin] += g^T a_i
             gemm_rm<acc_t>(true, false, C, Kin, rows, g, C, a[i], Kin, acc_t(1), gw + woff[i], Kin);
@@ -654,6 +676,10 @@ void mlpconv_backward_impl(const MlpconvShape& s, const at::Tensor& grad_out, co
   // Reduce the per-chunk accumulators in chunk order and write the results.
   if (need_w) {
     sum_chunks(gw_acc.data(), nchunks, wsize);
+    if (wino) {
+      sum_chunks(dU_acc.data(), nchunks, usize);
+      winop->weight_grad(dU_acc.data(), gw_acc.data() + woff[0]);
+    }
     for (int64_t i = 0; i < S; ++i) {
       const auto& w = weights[i];
       at::Tensor src = at::from_blob(gw_acc.data() + woff[i], {w.size(0), w.size(2), w.size(3), w.size(1)},

@@ -1,0 +1,569 @@
+// Winograd F(2x2, 3x3) for the first stage of the CPU mlpconv when its stride is 1.
+//
+// Why: on the CPU the KxK stage of NiN's wider blocks is compute-bound (5x5 96->192 on 16x16 maps:
+// 460,800 multiply-adds per output pixel against 73,728 for the two 1x1 stages after it), and a
+// GEMM tile cannot beat oneDNN's direct convolution at the same multiply count (MKL sgemm ran at
+// 135-175 GF/s per core here, oneDNN ~190). Winograd's minimal filtering cuts the multiplies:
+// F(2x2, 3x3) computes a 2x2 output tile of a 3x3 filter with 16 instead of 36.
+//
+// Kernels other than 3x3 are split into 3x3 sub-kernels placed at even offsets (0, 2, 4, ...): per
+// dimension of size r, ns = max(1, r / 2) sub-kernels, sub-kernel a taking kernel taps 2a and 2a+1,
+// and 2a+2 too when it is the last one (a tap it does not take is zero in it). The sub-kernel at
+// offset (2a, 2b) sees the input tile of output tile (ty + a, tx + b): at an even offset its
+// transformed input is that of another tile already transformed. So the whole stage is, per
+// transform point e in 4x4:
+//     M_e[tiles, K1] = A_e[tiles, ns_h*ns_w*Cin] U_e[ns_h*ns_w*Cin, K1]
+// with A_e the transformed input tiles of the ns_h*ns_w shifted tiles side by side and U_e the
+// transformed sub-kernels: one GEMM per point, 16 in all. A 5x5 kernel costs 4 * 16 = 64 multiplies
+// per 2x2 output tile against 100 direct (1.56x fewer), a 3x3 16 against 36 (2.25x fewer).
+//
+// Why F(2x2, 3x3) and not the larger tiles with fewer multiplies (F(4x4, 3x3), F(2x2, 5x5)): their
+// transforms have entries 2, 4, 1/6, 1/24..., which cost accuracy. Measured in float32 against
+// float64 on the CIFAR NiN's 5x5 96->192 layer (ReLU'd randn input, He-scaled weights): F(2x2, 5x5)
+// 5e-6 of max|y| (torch's own direct convolution 3.8e-7), F(4x4, 3x3) 8e-6 on the 3x3 192->192
+// layer (torch 2.4e-7); the split F(2x2, 3x3) 3.6e-7 and 5.1e-7. F(2x2, 3x3)'s transforms hold only
+// 0, +-1 and 1/2, so the input and output transforms round only in their additions, and the
+// filter transform is done in double. This keeps the kernel within the tests' tolerance rule
+// (2x torch's error against float64, plus one ulp).
+//
+// The backward is the exact adjoint of the same linear maps: with dM_e the adjoint output
+// transform of the pre-activation gradient, dU_e += A_e^T dM_e (the weight gradient in the
+// transformed domain, mapped back by G^T dU G in double at the end) and dA_e = dM_e U_e^T, whose
+// adjoint input transform is scattered into grad_x. So the backward's multiplies shrink by the
+// same factor as the forward's.
+//
+// Work items are runs of output pixels [q0, q1) (Tiling in mlpconv.cpp) that hold whole images or
+// bands of an even number of output rows of one image, so that they hold whole 2x2 tiles. Layouts:
+// x and grad_x NHWC; A, dA [16][Tmax][Kw]; M, dM [16][Tmax][K1]; U, dU [16][Kw][K1], Kw row
+// (a * ns_w + b) * Cin + c.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "checks.h"
+#include "cpu/attributes.h"
+#include "cpu/gemm.h"
+
+namespace fastnin::cpu {
+
+// The split of one kernel dimension of size r (see above).
+inline int64_t wino_subkernels(int64_t r) { return std::max<int64_t>(1, r / 2); }
+// Whether tap p (0..2) of sub-kernel a is kernel tap 2a + p.
+inline bool wino_tap(int64_t r, int64_t ns, int64_t a, int64_t p) {
+  return 2 * a + p < r && (p < 2 || a == ns - 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The transforms of one tile, vectorized over the channel axis (NHWC rows). Point e = 4 * xi + nu.
+//   input    V = B^T d B    B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1]
+//   output   Y = A^T M A    A^T = [1 1 1 0; 0 1 -1 -1]
+//   filter   U = G g G^T    G   = [1 0 0; 1/2 1/2 1/2; 1/2 -1/2 1/2; 0 0 1]
+// ---------------------------------------------------------------------------------------------
+
+// Each transform runs over the channels in blocks of L lanes held in small local arrays: written
+// as one loop over c with 16 input and 16 output streams, GCC kept it scalar (measured: the input
+// transform took more time than the GEMMs on 32x192x8x8); fixed-length inner loops vectorize.
+
+// V[e * ldv + c] for c < C from the 4x4 patch d[(4i + j) * C + c].
+template <typename T, int L>
+FASTNIN_INLINE void wino_input_block(const T* __restrict d, int64_t C, T* __restrict V, int64_t ldv) {
+  T t[4][4][L];
+  for (int j = 0; j < 4; ++j) {  // B^T d, column j
+    const T* d0 = d + (0 + j) * C;
+    const T* d1 = d + (4 + j) * C;
+    const T* d2 = d + (8 + j) * C;
+    const T* d3 = d + (12 + j) * C;
+    for (int l = 0; l < L; ++l) {
+      t[0][j][l] = d0[l] - d2[l];
+      t[1][j][l] = d1[l] + d2[l];
+      t[2][j][l] = d2[l] - d1[l];
+      t[3][j][l] = d1[l] - d3[l];
+    }
+  }
+  for (int i = 0; i < 4; ++i) {  // (B^T d) B, row i
+    for (int l = 0; l < L; ++l) {
+      V[(4 * i + 0) * ldv + l] = t[i][0][l] - t[i][2][l];
+      V[(4 * i + 1) * ldv + l] = t[i][1][l] + t[i][2][l];
+      V[(4 * i + 2) * ldv + l] = t[i][2][l] - t[i][1][l];
+      V[(4 * i + 3) * ldv + l] = t[i][1][l] - t[i][3][l];
+    }
+  }
+}
+
+// The adjoint: dd[(4i + j) * C + c] = (B dV B^T)[i][j] from dV[e * ldv + c].
+template <typename T, int L>
+FASTNIN_INLINE void wino_input_adjoint_block(const T* __restrict dV, int64_t ldv, int64_t C, T* __restrict dd) {
+  T r[4][4][L];
+  for (int nu = 0; nu < 4; ++nu) {  // B dV, column nu
+    const T* v0 = dV + (0 + nu) * ldv;
+    const T* v1 = dV + (4 + nu) * ldv;
+    const T* v2 = dV + (8 + nu) * ldv;
+    const T* v3 = dV + (12 + nu) * ldv;
+    for (int l = 0; l < L; ++l) {
+      r[0][nu][l] = v0[l];
+      r[1][nu][l] = v1[l] - v2[l] + v3[l];
+      r[2][nu][l] = v1[l] + v2[l] - v0[l];
+      r[3][nu][l] = -v3[l];
+    }
+  }
+  for (int i = 0; i < 4; ++i) {  // (B dV) B^T, row i
+    for (int l = 0; l < L; ++l) {
+      dd[(4 * i + 0) * C + l] = r[i][0][l];
+      dd[(4 * i + 1) * C + l] = r[i][1][l] - r[i][2][l] + r[i][3][l];
+      dd[(4 * i + 2) * C + l] = r[i][1][l] + r[i][2][l] - r[i][0][l];
+      dd[(4 * i + 3) * C + l] = -r[i][3][l];
+    }
+  }
+}
+
+// y[i][j][k] (2x2, rows y00 y01 y10 y11) = (A^T M A)[i][j] from M[e * ldm + k].
+template <typename T, int L>
+FASTNIN_INLINE void wino_output_block(const T* __restrict M, int64_t ldm, T* __restrict y00, T* __restrict y01,
+                                      T* __restrict y10, T* __restrict y11) {
+  T t[2][4][L];
+  for (int nu = 0; nu < 4; ++nu) {
+    const T* m0 = M + (0 + nu) * ldm;
+    const T* m1 = M + (4 + nu) * ldm;
+    const T* m2 = M + (8 + nu) * ldm;
+    const T* m3 = M + (12 + nu) * ldm;
+    for (int l = 0; l < L; ++l) {
+      t[0][nu][l] = m0[l] + m1[l] + m2[l];
+      t[1][nu][l] = m1[l] - m2[l] - m3[l];
+    }
+  }
+  for (int l = 0; l < L; ++l) {
+    y00[l] = t[0][0][l] + t[0][1][l] + t[0][2][l];
+    y01[l] = t[0][1][l] - t[0][2][l] - t[0][3][l];
+    y10[l] = t[1][0][l] + t[1][1][l] + t[1][2][l];
+    y11[l] = t[1][1][l] - t[1][2][l] - t[1][3][l];
+  }
+}
+
+// The adjoint: dM[e * ldm + k] = (A dY A^T)[xi][nu] from the 2x2 gradients (rows past the map's
+// edge point at zeros).
+template <typename T, int L>
+FASTNIN_INLINE void wino_output_adjoint_block(const T* __restrict g00, const T* __restrict g01,
+                                              const T* __restrict g10, const T* __restrict g11, T* __restrict dM,
+                                              int64_t ldm) {
+  T s[4][2][L];
+  for (int l = 0; l < L; ++l) {  // A dY
+    s[0][0][l] = g00[l];
+    s[0][1][l] = g01[l];
+    s[1][0][l] = g00[l] + g10[l];
+    s[1][1][l] = g01[l] + g11[l];
+    s[2][0][l] = g00[l] - g10[l];
+    s[2][1][l] = g01[l] - g11[l];
+    s[3][0][l] = -g10[l];
+    s[3][1][l] = -g11[l];
+  }
+  for (int xi = 0; xi < 4; ++xi) {  // (A dY) A^T, row xi
+    for (int l = 0; l < L; ++l) {
+      dM[(4 * xi + 0) * ldm + l] = s[xi][0][l];
+      dM[(4 * xi + 1) * ldm + l] = s[xi][0][l] + s[xi][1][l];
+      dM[(4 * xi + 2) * ldm + l] = s[xi][0][l] - s[xi][1][l];
+      dM[(4 * xi + 3) * ldm + l] = -s[xi][1][l];
+    }
+  }
+}
+
+// Lanes per block: one AVX-512 register of the type.
+template <typename T>
+constexpr int wino_lanes = 64 / sizeof(T);
+
+template <typename T>
+FASTNIN_INLINE void wino_input_impl(const T* d, int64_t C, T* V, int64_t ldv) {
+  constexpr int L = wino_lanes<T>;
+  int64_t c = 0;
+  for (; c + L <= C; c += L) wino_input_block<T, L>(d + c, C, V + c, ldv);
+  for (; c < C; ++c) wino_input_block<T, 1>(d + c, C, V + c, ldv);
+}
+template <typename T>
+FASTNIN_INLINE void wino_input_adjoint_impl(const T* dV, int64_t ldv, int64_t C, T* dd) {
+  constexpr int L = wino_lanes<T>;
+  int64_t c = 0;
+  for (; c + L <= C; c += L) wino_input_adjoint_block<T, L>(dV + c, ldv, C, dd + c);
+  for (; c < C; ++c) wino_input_adjoint_block<T, 1>(dV + c, ldv, C, dd + c);
+}
+template <typename T>
+FASTNIN_INLINE void wino_output_impl(const T* M, int64_t ldm, int64_t K, T* y00, T* y01, T* y10, T* y11) {
+  constexpr int L = wino_lanes<T>;
+  int64_t k = 0;
+  for (; k + L <= K; k += L) wino_output_block<T, L>(M + k, ldm, y00 + k, y01 + k, y10 + k, y11 + k);
+  for (; k < K; ++k) wino_output_block<T, 1>(M + k, ldm, y00 + k, y01 + k, y10 + k, y11 + k);
+}
+template <typename T>
+FASTNIN_INLINE void wino_output_adjoint_impl(const T* g00, const T* g01, const T* g10, const T* g11, int64_t K, T* dM,
+                                             int64_t ldm) {
+  constexpr int L = wino_lanes<T>;
+  int64_t k = 0;
+  for (; k + L <= K; k += L) wino_output_adjoint_block<T, L>(g00 + k, g01 + k, g10 + k, g11 + k, dM + k, ldm);
+  for (; k < K; ++k) wino_output_adjoint_block<T, 1>(g00 + k, g01 + k, g10 + k, g11 + k, dM + k, ldm);
+}
+
+template <typename T>
+inline void wino_input(const T* d, int64_t C, T* V, int64_t ldv) {
+  wino_input_impl(d, C, V, ldv);
+}
+template <typename T>
+inline void wino_input_adjoint(const T* dV, int64_t ldv, int64_t C, T* dd) {
+  wino_input_adjoint_impl(dV, ldv, C, dd);
+}
+template <typename T>
+inline void wino_output(const T* M, int64_t ldm, int64_t K, T* y00, T* y01, T* y10, T* y11) {
+  wino_output_impl(M, ldm, K, y00, y01, y10, y11);
+}
+template <typename T>
+inline void wino_output_adjoint(const T* g00, const T* g01, const T* g10, const T* g11, int64_t K, T* dM,
+                                int64_t ldm) {
+  wino_output_adjoint_impl(g00, g01, g10, g11, K, dM, ldm);
+}
+template <>
+FASTNIN_CLONES inline void wino_input<float>(const float* d, int64_t C, float* V, int64_t ldv) {
+  wino_input_impl(d, C, V, ldv);
+}
+template <>
+FASTNIN_CLONES inline void wino_input_adjoint<float>(const float* dV, int64_t ldv, int64_t C, float* dd) {
+  wino_input_adjoint_impl(dV, ldv, C, dd);
+}
+template <>
+FASTNIN_CLONES inline void wino_output<float>(const float* M, int64_t ldm, int64_t K, float* y00, float* y01,
+                                              float* y10, float* y11) {
+  wino_output_impl(M, ldm, K, y00, y01, y10, y11);
+}
+template <>
+FASTNIN_CLONES inline void wino_output_adjoint<float>(const float* g00, const float* g01, const float* g10,
+                                                      const float* g11, int64_t K, float* dM, int64_t ldm) {
+  wino_output_adjoint_impl(g00, g01, g10, g11, K, dM, ldm);
+}
+
+// Per-thread buffers.
+template <typename T>
+struct WinoWork {
+  std::vector<T> A, V, M, dA, d, zero;
+};
+
+template <typename T>
+inline T* wino_buf(std::vector<T>& v, int64_t n) {
+  if (static_cast<int64_t>(v.size()) < n) v.resize(n);
+  return v.data();
+}
+
+// ---------------------------------------------------------------------------------------------
+// The first stage of one mlpconv call (stride 1), for a given weight.
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+class Winograd {
+ public:
+  // w0: [K1, Cin, kh, kw]; tmax: the most 2x2 tiles a work item holds.
+  Winograd(const MlpconvShape& s, const at::Tensor& w0, int64_t tmax)
+      : s_(s), K1_(s.C[0]), C_(s.Cin), tmax_(tmax) {
+    nsh_ = wino_subkernels(s.kh);
+    nsw_ = wino_subkernels(s.kw);
+    th_ = (s.Ho + 1) / 2;
+    tw_ = (s.Wo + 1) / 2;
+    gw_ = tw_ + nsw_ - 1;
+    Kw_ = nsh_ * nsw_ * C_;
+    // U_e[(a * nsw + b) * Cin + c][k] = (G g_ab G^T)[xi][nu], in double, then rounded once. The
+    // weight goes to [kh][kw][Cin][K1] first so that the loops run along k, contiguous both ways.
+    const at::Tensor w = w0.permute({2, 3, 1, 0}).contiguous().to(at::kDouble);
+    const double* wp = w.data_ptr<double>();
+    U_ = at::empty({16, Kw_, K1_}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+    T* up = U_.data_ptr<T>();
+    const int64_t K1 = K1_, Kw = Kw_;
+    at::parallel_for(0, Kw_, 1, [&](int64_t rb, int64_t re) {
+      std::vector<double> zero(K1, 0.0);
+      for (int64_t row = rb; row < re; ++row) {
+        const int64_t ab = row / C_, c = row % C_, a = ab / nsw_, b = ab % nsw_;
+        const double* g[3][3];
+        for (int p = 0; p < 3; ++p) {
+          for (int q = 0; q < 3; ++q) {
+            const bool tap = wino_tap(s.kh, nsh_, a, p) && wino_tap(s.kw, nsw_, b, q);
+            g[p][q] = tap ? wp + (((2 * a + p) * s.kw + 2 * b + q) * C_ + c) * K1 : zero.data();
+          }
+        }
+        T* u = up + row * K1;
+        constexpr int L = 8;
+        auto block = [&](int64_t k, auto lanes) {
+          constexpr int n = decltype(lanes)::value;
+          double t[4][3][n];  // G g
+          for (int q = 0; q < 3; ++q) {
+            for (int l = 0; l < n; ++l) {
+              const double g0 = g[0][q][k + l], g1 = g[1][q][k + l], g2 = g[2][q][k + l];
+              t[0][q][l] = g0;
+              t[1][q][l] = 0.5 * (g0 + g1 + g2);
+              t[2][q][l] = 0.5 * (g0 - g1 + g2);
+              t[3][q][l] = g2;
+            }
+          }
+          for (int xi = 0; xi < 4; ++xi) {  // (G g) G^T
+            for (int l = 0; l < n; ++l) {
+              u[(4 * xi + 0) * Kw * K1 + k + l] = static_cast<T>(t[xi][0][l]);
+              u[(4 * xi + 1) * Kw * K1 + k + l] = static_cast<T>(0.5 * (t[xi][0][l] + t[xi][1][l] + t[xi][2][l]));
+              u[(4 * xi + 2) * Kw * K1 + k + l] = static_cast<T>(0.5 * (t[xi][0][l] - t[xi][1][l] + t[xi][2][l]));
+              u[(4 * xi + 3) * Kw * K1 + k + l] = static_cast<T>(t[xi][2][l]);
+            }
+          }
+        };
+        int64_t k = 0;
+        for (; k + L <= K1; k += L) block(k, std::integral_constant<int, L>{});
+        for (; k < K1; ++k) block(k, std::integral_constant<int, 1>{});
+      }
+    });
+  }
+
+  int64_t u_size() const { return 16 * Kw_ * K1_; }
+
+  // wk.A = the transformed input tiles of pixels [q0, q1) (NHWC x).
+  void transform_input(const T* x, int64_t q0, int64_t q1, WinoWork<T>& wk) const {
+    T* A = wino_buf(wk.A, 16 * tmax_ * Kw_);
+    T* d = wino_buf(wk.d, 16 * C_);
+    const bool split = nsh_ > 1 || nsw_ > 1;
+    T* vt = split ? wino_buf(wk.V, 16 * C_) : nullptr;
+    for_each_segment(q0, q1, [&](int64_t n, int64_t ty0, int64_t ty1, int64_t row0, int64_t) {
+      for (int64_t gy = ty0; gy < ty1 + nsh_ - 1; ++gy) {
+        for (int64_t gx = 0; gx < gw_; ++gx) {
+          gather_patch(x, n, gy, gx, d);
+          if (!split) {  // grid tiles are GEMM rows: straight into A
+            wino_input(d, C_, A + (row0 + (gy - ty0) * tw_ + gx) * Kw_, tmax_ * Kw_);
+            continue;
+          }
+          // The grid tile is block (a, b) of the GEMM row of tile (gy - a, gx - b).
+          wino_input(d, C_, vt, C_);
+          for (int64_t a = 0; a < nsh_; ++a) {
+            const int64_t ty = gy - a;
+            if (ty < ty0 || ty >= ty1) continue;
+            for (int64_t b = 0; b < nsw_; ++b) {
+              const int64_t tx = gx - b;
+              if (tx < 0 || tx >= tw_) continue;
+              T* dst = A + (row0 + (ty - ty0) * tw_ + tx) * Kw_ + (a * nsw_ + b) * C_;
+              for (int64_t e = 0; e < 16; ++e) std::memcpy(dst + e * tmax_ * Kw_, vt + e * C_, sizeof(T) * C_);
+            }
+          }
+        }
+      }
+    });
+  }
+
+  // z[rows, K1] = the stage's pre-activation (no bias) of pixels [q0, q1), from wk.A.
+  void multiply_output(int64_t q0, int64_t q1, WinoWork<T>& wk, T* z) const {
+    const int64_t nt = tiles(q0, q1);
+    const T* A = wk.A.data();
+    T* M = wino_buf(wk.M, 16 * tmax_ * K1_);
+    T* scratch = wino_buf(wk.zero, 4 * K1_);  // outputs past the map's edge go here
+    const T* U = U_.data_ptr<T>();
+    for (int64_t e = 0; e < 16; ++e) {
+      gemm_rm<T>(false, false, nt, K1_, Kw_, A + e * tmax_ * Kw_, Kw_, U + e * Kw_ * K1_, K1_, T(0),
+                 M + e * tmax_ * K1_, K1_);
+    }
+    for_each_segment(q0, q1, [&](int64_t, int64_t ty0, int64_t ty1, int64_t row0, int64_t pix0) {
+      for (int64_t ty = ty0; ty < ty1; ++ty) {
+        for (int64_t tx = 0; tx < tw_; ++tx) {
+          T* y[4];
+          pixel_rows(z, pix0, ty0, ty, tx, K1_, scratch, y);
+          wino_output(M + (row0 + (ty - ty0) * tw_ + tx) * K1_, tmax_ * K1_, K1_, y[0], y[1], y[2], y[3]);
+        }
+      }
+    });
+  }
+
+  // The backward of pixels [q0, q1), after transform_input on them: g [rows, K1] is the gradient
+  // of the pre-activation. dU (if not null) += A^T dM; gx (NHWC, if not null) += the input
+  // gradient. Uses wk.M for dM.
+  void backward(const T* g, int64_t q0, int64_t q1, WinoWork<T>& wk, T* dU, T* gx) const {
+    const int64_t nt = tiles(q0, q1);
+    T* dM = wino_buf(wk.M, 16 * tmax_ * K1_);
+    // Pixels past the map's edge contribute zero gradients: 4 zero rows (read only).
+    T* zeros = wino_buf(wk.zero, 4 * K1_);
+    std::fill_n(zeros, 4 * K1_, T(0));
+    for_each_segment(q0, q1, [&](int64_t, int64_t ty0, int64_t ty1, int64_t row0, int64_t pix0) {
+      for (int64_t ty = ty0; ty < ty1; ++ty) {
+        for (int64_t tx = 0; tx < tw_; ++tx) {
+          T* y[4];
+          pixel_rows(const_cast<T*>(g), pix0, ty0, ty, tx, K1_, zeros, y);
+          wino_output_adjoint<T>(y[0], y[1], y[2], y[3], K1_, dM + (row0 + (ty - ty0) * tw_ + tx) * K1_,
+                                 tmax_ * K1_);
+        }
+      }
+    });
+    const T* A = wk.A.data();
+    const T* U = U_.data_ptr<T>();
+    if (dU != nullptr) {
+      for (int64_t e = 0; e < 16; ++e) {
+        gemm_rm<T>(true, false, Kw_, K1_, nt, A + e * tmax_ * Kw_, Kw_, dM + e * tmax_ * K1_, K1_, T(1),
+                   dU + e * Kw_ * K1_, K1_);
+      }
+    }
+    if (gx == nullptr) return;
+    T* dA = wino_buf(wk.dA, 16 * tmax_ * Kw_);
+    for (int64_t e = 0; e < 16; ++e) {
+      gemm_rm<T>(false, true, nt, Kw_, K1_, dM + e * tmax_ * K1_, K1_, U + e * Kw_ * K1_, K1_, T(0),
+                 dA + e * tmax_ * Kw_, Kw_);
+    }
+    T* dd = wino_buf(wk.d, 16 * C_);
+    const bool split = nsh_ > 1 || nsw_ > 1;
+    for_each_segment(q0, q1, [&](int64_t n, int64_t ty0, int64_t ty1, int64_t row0, int64_t) {
+      const int64_t gy1 = ty1 + nsh_ - 1;
+      const T* dV = dA + row0 * Kw_;
+      int64_t ldv = tmax_ * Kw_;
+      if (split) {
+        // dV of a grid tile = the sum of the dA blocks of the tiles whose shifted copies it is.
+        ldv = (gy1 - ty0) * gw_ * C_;
+        T* acc = wino_buf(wk.V, 16 * ldv);
+        std::fill_n(acc, 16 * ldv, T(0));
+        for (int64_t e = 0; e < 16; ++e) {
+          for (int64_t ty = ty0; ty < ty1; ++ty) {
+            for (int64_t tx = 0; tx < tw_; ++tx) {
+              const T* src = dA + e * tmax_ * Kw_ + (row0 + (ty - ty0) * tw_ + tx) * Kw_;
+              for (int64_t a = 0; a < nsh_; ++a) {
+                for (int64_t b = 0; b < nsw_; ++b) {
+                  T* dst = acc + e * ldv + ((ty - ty0 + a) * gw_ + tx + b) * C_;
+                  const T* s = src + (a * nsw_ + b) * C_;
+                  for (int64_t c = 0; c < C_; ++c) dst[c] += s[c];
+                }
+              }
+            }
+          }
+        }
+        dV = acc;
+      }
+      for (int64_t gy = ty0; gy < gy1; ++gy) {
+        for (int64_t gx0 = 0; gx0 < gw_; ++gx0) {
+          wino_input_adjoint(dV + ((gy - ty0) * gw_ + gx0) * C_, ldv, C_, dd);
+          scatter_patch(dd, n, gy, gx0, gx);
+        }
+      }
+    });
+  }
+
+  // gw[K1][kh][kw][Cin] = the kernel gradient, from dU summed over all work items: each sub-kernel
+  // gradient is G^T dU G (in double), and each kernel tap belongs to one sub-kernel. Computed
+  // along k into [kh][kw][Cin][K1], then transposed.
+  void weight_grad(const T* dU, T* gw) const {
+    const int64_t kh = s_.kh, kw = s_.kw, K1 = K1_, Kw = Kw_;
+    at::Tensor tmp = at::empty({kh, kw, C_, K1}, U_.options());
+    T* tp = tmp.data_ptr<T>();
+    at::parallel_for(0, Kw_, 1, [&](int64_t rb, int64_t re) {
+      std::vector<T> sink(K1);
+      for (int64_t row = rb; row < re; ++row) {
+        const int64_t ab = row / C_, c = row % C_, a = ab / nsw_, b = ab % nsw_;
+        T* dst[3][3];
+        for (int p = 0; p < 3; ++p) {
+          for (int q = 0; q < 3; ++q) {
+            const bool tap = wino_tap(kh, nsh_, a, p) && wino_tap(kw, nsw_, b, q);
+            dst[p][q] = tap ? tp + (((2 * a + p) * kw + 2 * b + q) * C_ + c) * K1 : sink.data();
+          }
+        }
+        const T* du = dU + row * K1;
+        constexpr int L = 8;
+        auto block = [&](int64_t k, auto lanes) {
+          constexpr int n = decltype(lanes)::value;
+          double sm[3][4][n];  // G^T dU
+          for (int nu = 0; nu < 4; ++nu) {
+            for (int l = 0; l < n; ++l) {
+              const double d0 = du[(0 + nu) * Kw * K1 + k + l], d1 = du[(4 + nu) * Kw * K1 + k + l],
+                           d2 = du[(8 + nu) * Kw * K1 + k + l], d3 = du[(12 + nu) * Kw * K1 + k + l];
+              sm[0][nu][l] = d0 + 0.5 * (d1 + d2);
+              sm[1][nu][l] = 0.5 * (d1 - d2);
+              sm[2][nu][l] = 0.5 * (d1 + d2) + d3;
+            }
+          }
+          for (int p = 0; p < 3; ++p) {  // (G^T dU) G
+            for (int l = 0; l < n; ++l) {
+              dst[p][0][k + l] = static_cast<T>(sm[p][0][l] + 0.5 * (sm[p][1][l] + sm[p][2][l]));
+              dst[p][1][k + l] = static_cast<T>(0.5 * (sm[p][1][l] - sm[p][2][l]));
+              dst[p][2][k + l] = static_cast<T>(0.5 * (sm[p][1][l] + sm[p][2][l]) + sm[p][3][l]);
+            }
+          }
+        };
+        int64_t k = 0;
+        for (; k + L <= K1; k += L) block(k, std::integral_constant<int, L>{});
+        for (; k < K1; ++k) block(k, std::integral_constant<int, 1>{});
+      }
+    });
+    // [kh][kw][Cin][K1] -> [K1][kh][kw][Cin]
+    at::from_blob(gw, {K1, kh, kw, C_}, U_.options()).copy_(tmp.permute({3, 0, 1, 2}));
+  }
+
+ private:
+  // fn(n, ty0, ty1, row0, pix0) for each image n in [q0, q1): its output tile rows [ty0, ty1),
+  // whose tiles are GEMM rows row0.. and whose pixels start at row pix0 of the item.
+  template <typename F>
+  void for_each_segment(int64_t q0, int64_t q1, F&& fn) const {
+    const int64_t HW = s_.Ho * s_.Wo;
+    int64_t row = 0;
+    for (int64_t q = q0; q < q1;) {
+      const int64_t n = q / HW, r0 = q % HW, r1 = std::min(HW, r0 + (q1 - q));
+      const int64_t ty0 = r0 / s_.Wo / 2, ty1 = ((r1 + s_.Wo - 1) / s_.Wo + 1) / 2;
+      fn(n, ty0, ty1, row, q - q0);
+      row += (ty1 - ty0) * tw_;
+      q += r1 - r0;
+    }
+  }
+
+  int64_t tiles(int64_t q0, int64_t q1) const {
+    int64_t nt = 0;
+    for_each_segment(q0, q1, [&](int64_t, int64_t ty0, int64_t ty1, int64_t, int64_t) { nt += (ty1 - ty0) * tw_; });
+    TORCH_INTERNAL_ASSERT(nt <= tmax_, "winograd: a work item holds ", nt, " tiles, more than ", tmax_);
+    return nt;
+  }
+
+  // The rows of the 2x2 pixels of tile (ty, tx) in a [rows, K] buffer whose row pix0 is pixel
+  // (2 ty0, 0); pixels past the map's edge get rows of `outside` (4 rows of K).
+  void pixel_rows(T* base, int64_t pix0, int64_t ty0, int64_t ty, int64_t tx, int64_t K, T* outside,
+                  T* y[4]) const {
+    for (int i = 0; i < 2; ++i) {
+      for (int j = 0; j < 2; ++j) {
+        const int64_t oy = 2 * ty + i, ox = 2 * tx + j;
+        y[2 * i + j] = (oy < s_.Ho && ox < s_.Wo) ? base + (pix0 + (oy - 2 * ty0) * s_.Wo + ox) * K
+                                                  : outside + (2 * i + j) * K;
+      }
+    }
+  }
+
+  // d[(4i + j) * C + c] = x[n, 2 gy - ph + i, 2 gx - pw + j, c], zero outside the image.
+  void gather_patch(const T* x, int64_t n, int64_t gy, int64_t gx, T* d) const {
+    const int64_t iy0 = 2 * gy - s_.ph, ix0 = 2 * gx - s_.pw;
+    const int64_t jlo = std::min<int64_t>(4, std::max<int64_t>(0, -ix0));
+    const int64_t jhi = std::max(jlo, std::min<int64_t>(4, s_.W - ix0));
+    for (int64_t i = 0; i < 4; ++i) {
+      T* dst = d + 4 * i * C_;
+      const int64_t iy = iy0 + i;
+      if (iy < 0 || iy >= s_.H || jhi <= jlo) {
+        std::fill_n(dst, 4 * C_, T(0));
+        continue;
+      }
+      if (jlo > 0) std::fill_n(dst, jlo * C_, T(0));
+      std::memcpy(dst + jlo * C_, x + ((n * s_.H + iy) * s_.W + ix0 + jlo) * C_, sizeof(T) * (jhi - jlo) * C_);
+      if (jhi < 4) std::fill_n(dst + jhi * C_, (4 - jhi) * C_, T(0));
+    }
+  }
+
+  // gx[n, 2 gy - ph + i, 2 gx - pw + j, c] += dd[(4i + j) * C + c] inside the image.
+  void scatter_patch(const T* dd, int64_t n, int64_t gy, int64_t gx0, T* gx) const {
+    const int64_t iy0 = 2 * gy - s_.ph, ix0 = 2 * gx0 - s_.pw;
+    const int64_t jlo = std::min<int64_t>(4, std::max<int64_t>(0, -ix0));
+    const int64_t jhi = std::max(jlo, std::min<int64_t>(4, s_.W - ix0));
+    if (jhi <= jlo) return;
+    for (int64_t i = 0; i < 4; ++i) {
+      const int64_t iy = iy0 + i;
+      if (iy < 0 || iy >= s_.H) continue;
+      T* dst = gx + ((n * s_.H + iy) * s_.W + ix0 + jlo) * C_;
+      const T* src = dd + (4 * i + jlo) * C_;
+      const int64_t len = (jhi - jlo) * C_;
+      for (int64_t e = 0; e < len; ++e) dst[e] += src[e];
+    }
+  }
+
+  MlpconvShape s_;
+  int64_t K1_, C_, tmax_;
+  int64_t nsh_ = 1, nsw_ = 1, th_ = 0, tw_ = 0, gw_ = 0, Kw_ = 0;
+  at::Tensor U_;
+};
+
+}  // namespace fastnin::cpu
