@@ -228,15 +228,17 @@ int64_t tile_target(const MlpconvShape& s, int64_t elem) {
 bool all_finite(const at::Tensor& t) { return !t.defined() || at::isfinite(t).all().item<bool>(); }
 
 // The first stage's algorithm: Winograd (winograd.h) where the stride is 1, the kernel at least
-// 3x3 and Cin >= 16 (below that the stage is memory-bound: the CIFAR NiN's 5x5 3->192 first block
-// ran no faster), im2col + GEMM elsewhere. FASTNIN_CPU_CONV=im2col or winograd forces one where it
+// 3x3, Cin >= 16 (below that the stage is memory-bound: the CIFAR NiN's 5x5 3->192 first block
+// ran no faster) and the call has >= 2048 output pixels (below that the transformed weight,
+// 16/9 the weight's size, costs more than the multiplies saved: 8x384x6x6 3x3 -> 1024 ran 2x
+// slower, 8x384x5x5 -> 10 1.6x slower, 1 thread), im2col + GEMM elsewhere. FASTNIN_CPU_CONV=im2col or winograd forces one where it
 // applies; the tests run both. Winograd needs stride 1, a kernel other than 1x1, and finite x,
 // weight (and grad_out in the backward): its transforms mix neighbouring pixels, so an Inf would
 // meet -Inf (NaN) or reach outputs whose receptive field does not hold it, unlike torch's
 // convolution. The check is one pass over those tensors (~1% of a CIFAR block's forward).
 bool use_winograd(const MlpconvShape& s, const at::Tensor& x, const at::Tensor& w0,
                   const at::Tensor& grad_out = at::Tensor()) {
-  bool wanted = s.kh >= 3 && s.kw >= 3 && s.Cin >= 16;
+  bool wanted = s.kh >= 3 && s.kw >= 3 && s.Cin >= 16 && s.N * s.Ho * s.Wo >= 2048;
   const char* env = std::getenv("FASTNIN_CPU_CONV");
   if (env != nullptr && *env != '\0') {
     const std::string v(env);
