@@ -371,6 +371,10 @@ def _init_convs(model: nn.Module, how: str, num_classes: int | None = None) -> N
         cosine: no class dies (no logit is 0 on any test image at any epoch); 93.3% test accuracy after
         5 epochs, 98.3% after 12. The bias of 1.0 keeps every class far from the ReLU's 0 while the
         body learns; since the softmax ignores a shift common to all logits, it costs nothing.
+      - the defaults through this command (`python -m fastnin.train --model nin_cifar10`, 10 epochs,
+        dropout 0 on the digits, fastnin's CPU kernels, 1 thread), seeds 0/1/2: final test accuracy
+        96.4% / 98.9% / 97.5%, each >= 95% from epoch 6 on; 187-202 s of wall time. With the model's
+        dropout 0.5 instead, seed 0 reached only 89.7% at epoch 10.
     """
     head = _relu_head(model, num_classes) if (how == "kaiming-head" and num_classes is not None) else None
     if how == "kaiming-head" and head is None:
