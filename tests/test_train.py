@@ -56,7 +56,7 @@ def test_one_epoch_nin_cifar10(tmp_path):
     assert torch.isfinite(torch.tensor(s["final_train_loss"])) and 0.0 <= s["final_test_acc"] <= 1.0
     torch.manual_seed(0)  # --seed 0: the initialization the run started from
     init = models.get("nin_cifar10", num_classes=10, in_channels=1)
-    L._init_convs(init, "xavier")
+    L._init_convs(init, "kaiming-head", 10)  # --init auto's choice for NiN
     trained = load_checkpoint(str(tmp_path / "checkpoint-epoch0001.pt"))["model_state"]
     for k, v in init.state_dict().items():
         assert not torch.equal(v, trained[k]), f"{k} did not change"
