@@ -70,15 +70,19 @@ inline bool wino_tap(int64_t r, int64_t ns, int64_t a, int64_t p) {
 // as one loop over c with 16 input and 16 output streams, GCC kept it scalar (measured: the input
 // transform took more time than the GEMMs on 32x192x8x8); fixed-length inner loops vectorize.
 
-// V[e * ldv + c] for c < C from the 4x4 patch d[(4i + j) * C + c].
+// V_q[e * ldv + l] for each destination q < nv, lanes l < L, from the 4x4 patch whose pixel (i, j)
+// has its channels at d[4i + j] (a row of x, or zeros outside the image). Reading x through row
+// pointers spares a copy of each patch (each input pixel is in 4 patches); writing the tile's
+// transform to all its destinations (the split kernels' shifted copies) spares copying it there.
 template <typename T, int L>
-FASTNIN_INLINE void wino_input_block(const T* __restrict d, int64_t C, T* __restrict V, int64_t ldv) {
+FASTNIN_INLINE void wino_input_block(const T* const* __restrict d, int64_t c, T* const* __restrict V, int nv,
+                                     int64_t ldv) {
   T t[4][4][L];
   for (int j = 0; j < 4; ++j) {  // B^T d, column j
-    const T* d0 = d + (0 + j) * C;
-    const T* d1 = d + (4 + j) * C;
-    const T* d2 = d + (8 + j) * C;
-    const T* d3 = d + (12 + j) * C;
+    const T* d0 = d[0 + j] + c;
+    const T* d1 = d[4 + j] + c;
+    const T* d2 = d[8 + j] + c;
+    const T* d3 = d[12 + j] + c;
     for (int l = 0; l < L; ++l) {
       t[0][j][l] = d0[l] - d2[l];
       t[1][j][l] = d1[l] + d2[l];
@@ -86,12 +90,19 @@ FASTNIN_INLINE void wino_input_block(const T* __restrict d, int64_t C, T* __rest
       t[3][j][l] = d1[l] - d3[l];
     }
   }
+  T v[16][L];
   for (int i = 0; i < 4; ++i) {  // (B^T d) B, row i
     for (int l = 0; l < L; ++l) {
-      V[(4 * i + 0) * ldv + l] = t[i][0][l] - t[i][2][l];
-      V[(4 * i + 1) * ldv + l] = t[i][1][l] + t[i][2][l];
-      V[(4 * i + 2) * ldv + l] = t[i][2][l] - t[i][1][l];
-      V[(4 * i + 3) * ldv + l] = t[i][1][l] - t[i][3][l];
+      v[4 * i + 0][l] = t[i][0][l] - t[i][2][l];
+      v[4 * i + 1][l] = t[i][1][l] + t[i][2][l];
+      v[4 * i + 2][l] = t[i][2][l] - t[i][1][l];
+      v[4 * i + 3][l] = t[i][1][l] - t[i][3][l];
+    }
+  }
+  for (int q = 0; q < nv; ++q) {
+    T* __restrict out = V[q] + c;
+    for (int e = 0; e < 16; ++e) {
+      for (int l = 0; l < L; ++l) out[e * ldv + l] = v[e][l];
     }
   }
 }
@@ -177,11 +188,11 @@ template <typename T>
 constexpr int wino_lanes = 64 / sizeof(T);
 
 template <typename T>
-FASTNIN_INLINE void wino_input_impl(const T* d, int64_t C, T* V, int64_t ldv) {
+FASTNIN_INLINE void wino_input_impl(const T* const* d, int64_t C, T* const* V, int nv, int64_t ldv) {
   constexpr int L = wino_lanes<T>;
   int64_t c = 0;
-  for (; c + L <= C; c += L) wino_input_block<T, L>(d + c, C, V + c, ldv);
-  for (; c < C; ++c) wino_input_block<T, 1>(d + c, C, V + c, ldv);
+  for (; c + L <= C; c += L) wino_input_block<T, L>(d, c, V, nv, ldv);
+  for (; c < C; ++c) wino_input_block<T, 1>(d, c, V, nv, ldv);
 }
 template <typename T>
 FASTNIN_INLINE void wino_input_adjoint_impl(const T* dV, int64_t ldv, int64_t C, T* dd) {
@@ -207,8 +218,8 @@ FASTNIN_INLINE void wino_output_adjoint_impl(const T* g00, const T* g01, const T
 }
 
 template <typename T>
-inline void wino_input(const T* d, int64_t C, T* V, int64_t ldv) {
-  wino_input_impl(d, C, V, ldv);
+inline void wino_input(const T* const* d, int64_t C, T* const* V, int nv, int64_t ldv) {
+  wino_input_impl(d, C, V, nv, ldv);
 }
 template <typename T>
 inline void wino_input_adjoint(const T* dV, int64_t ldv, int64_t C, T* dd) {
@@ -224,8 +235,9 @@ inline void wino_output_adjoint(const T* g00, const T* g01, const T* g10, const 
   wino_output_adjoint_impl(g00, g01, g10, g11, K, dM, ldm);
 }
 template <>
-FASTNIN_CLONES inline void wino_input<float>(const float* d, int64_t C, float* V, int64_t ldv) {
-  wino_input_impl(d, C, V, ldv);
+FASTNIN_CLONES inline void wino_input<float>(const float* const* d, int64_t C, float* const* V, int nv,
+                                             int64_t ldv) {
+  wino_input_impl(d, C, V, nv, ldv);
 }
 template <>
 FASTNIN_CLONES inline void wino_input_adjoint<float>(const float* dV, int64_t ldv, int64_t C, float* dd) {
@@ -245,7 +257,8 @@ FASTNIN_CLONES inline void wino_output_adjoint<float>(const float* g00, const fl
 // Per-thread buffers.
 template <typename T>
 struct WinoWork {
-  std::vector<T> A, V, M, dA, d, zero;
+  std::vector<T> A, V, M, dA, d, zero, czero;
+  std::vector<T*> dst;
 };
 
 template <typename T>
@@ -271,7 +284,9 @@ class Winograd {
     Kw_ = nsh_ * nsw_ * C_;
     // U_e[(a * nsw + b) * Cin + c][k] = (G g_ab G^T)[xi][nu], in double, then rounded once. The
     // weight goes to [kh][kw][Cin][K1] first so that the loops run along k, contiguous both ways.
-    const at::Tensor w = w0.permute({2, 3, 1, 0}).contiguous().to(at::kDouble);
+    // (One copy pass: permuting and converting in two steps measured ~2% of a CIFAR block's forward.)
+    const at::Tensor w = at::empty({s.kh, s.kw, C_, K1_}, w0.options().dtype(at::kDouble));
+    w.copy_(w0.permute({2, 3, 1, 0}));
     const double* wp = w.data_ptr<double>();
     U_ = at::empty({16, Kw_, K1_}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
     T* up = U_.data_ptr<T>();
@@ -322,29 +337,27 @@ class Winograd {
   // wk.A = the transformed input tiles of pixels [q0, q1) (NHWC x).
   void transform_input(const T* x, int64_t q0, int64_t q1, WinoWork<T>& wk) const {
     T* A = wino_buf(wk.A, 16 * tmax_ * Kw_);
-    T* d = wino_buf(wk.d, 16 * C_);
-    const bool split = nsh_ > 1 || nsw_ > 1;
-    T* vt = split ? wino_buf(wk.V, 16 * C_) : nullptr;
+    const T* zeros = wino_zeros(wk);
+    std::vector<T*>& dst = wk.dst;
+    dst.resize(nsh_ * nsw_);
     for_each_segment(q0, q1, [&](int64_t n, int64_t ty0, int64_t ty1, int64_t row0, int64_t) {
       for (int64_t gy = ty0; gy < ty1 + nsh_ - 1; ++gy) {
         for (int64_t gx = 0; gx < gw_; ++gx) {
-          gather_patch(x, n, gy, gx, d);
-          if (!split) {  // grid tiles are GEMM rows: straight into A
-            wino_input(d, C_, A + (row0 + (gy - ty0) * tw_ + gx) * Kw_, tmax_ * Kw_);
-            continue;
-          }
-          // The grid tile is block (a, b) of the GEMM row of tile (gy - a, gx - b).
-          wino_input(d, C_, vt, C_);
+          const T* d[16];
+          patch_rows(x, n, gy, gx, zeros, d);
+          // The grid tile is block (a, b) of the GEMM row of tile (gy - a, gx - b) (unsplit: the
+          // grid tiles are the GEMM rows).
+          int nv = 0;
           for (int64_t a = 0; a < nsh_; ++a) {
             const int64_t ty = gy - a;
             if (ty < ty0 || ty >= ty1) continue;
             for (int64_t b = 0; b < nsw_; ++b) {
               const int64_t tx = gx - b;
               if (tx < 0 || tx >= tw_) continue;
-              T* dst = A + (row0 + (ty - ty0) * tw_ + tx) * Kw_ + (a * nsw_ + b) * C_;
-              for (int64_t e = 0; e < 16; ++e) std::memcpy(dst + e * tmax_ * Kw_, vt + e * C_, sizeof(T) * C_);
+              dst[nv++] = A + (row0 + (ty - ty0) * tw_ + tx) * Kw_ + (a * nsw_ + b) * C_;
             }
           }
+          if (nv > 0) wino_input(d, C_, dst.data(), nv, tmax_ * Kw_);
         }
       }
     });
@@ -526,22 +539,22 @@ class Winograd {
     }
   }
 
-  // d[(4i + j) * C + c] = x[n, 2 gy - ph + i, 2 gx - pw + j, c], zero outside the image.
-  void gather_patch(const T* x, int64_t n, int64_t gy, int64_t gx, T* d) const {
+  // d[4i + j] = &x[n, 2 gy - ph + i, 2 gx - pw + j, 0], or `zeros` (C zeros) outside the image.
+  void patch_rows(const T* x, int64_t n, int64_t gy, int64_t gx, const T* zeros, const T* d[16]) const {
     const int64_t iy0 = 2 * gy - s_.ph, ix0 = 2 * gx - s_.pw;
-    const int64_t jlo = std::min<int64_t>(4, std::max<int64_t>(0, -ix0));
-    const int64_t jhi = std::max(jlo, std::min<int64_t>(4, s_.W - ix0));
     for (int64_t i = 0; i < 4; ++i) {
-      T* dst = d + 4 * i * C_;
       const int64_t iy = iy0 + i;
-      if (iy < 0 || iy >= s_.H || jhi <= jlo) {
-        std::fill_n(dst, 4 * C_, T(0));
-        continue;
+      for (int64_t j = 0; j < 4; ++j) {
+        const int64_t ix = ix0 + j;
+        d[4 * i + j] = (iy >= 0 && iy < s_.H && ix >= 0 && ix < s_.W) ? x + ((n * s_.H + iy) * s_.W + ix) * C_ : zeros;
       }
-      if (jlo > 0) std::fill_n(dst, jlo * C_, T(0));
-      std::memcpy(dst + jlo * C_, x + ((n * s_.H + iy) * s_.W + ix0 + jlo) * C_, sizeof(T) * (jhi - jlo) * C_);
-      if (jhi < 4) std::fill_n(dst + jhi * C_, (4 - jhi) * C_, T(0));
     }
+  }
+
+  // C_ zeros (read only).
+  const T* wino_zeros(WinoWork<T>& wk) const {
+    if (static_cast<int64_t>(wk.czero.size()) < C_) wk.czero.assign(C_, T(0));
+    return wk.czero.data();
   }
 
   // gx[n, 2 gy - ph + i, 2 gx - pw + j, c] += dd[(4i + j) * C + c] inside the image.
