@@ -284,8 +284,28 @@ bool use_winograd(const MlpconvShape& s, const at::Tensor& x, const at::Tensor& 
 // output rows. Measured on the CIFAR NiN's blocks 2 and 3 at batch 32 (1 thread): 512 pixels ran
 // ~5% faster than 256 forward and ~8% backward (the weight-gradient GEMM's depth is the tile
 // count), 1024 and 2048 no faster (the 16 transformed input blocks outgrow the 2 MB L2).
+//
+// Weight-heavy calls (the stages' weights >= 2^20 elements, beyond a core's L2, and <= 2048 output
+// pixels: the ImageNet NiN's block 4, the textbook NiN's block 3) run as ONE tile: MKL repacks a
+// GEMM's weight operand on every call, so small tiles paid a pass over the weights for every 72
+// pixels, and each thread's weight-gradient accumulators (14 MB for 3x3 384 -> 1024) were read
+// and written once per tile. One tile runs outside any parallel region, so MKL threads the
+// products itself. Measured (python -m fastnin.bench, 2 threads): imagenet.b4+gap fwd 15.0 ->
+// 13.7 ms, fwd+bwd 88 -> 65 ms; nin.b3 fwd+bwd 47 -> 43 ms.
+bool weight_heavy(const MlpconvShape& s) {
+  int64_t welems = 0, kin = s.kh * s.kw * s.Cin;
+  for (int64_t i = 0; i < s.stages(); ++i) {
+    welems += s.C[i] * kin;
+    kin = s.C[i];
+  }
+  return welems >= (int64_t(1) << 20) && s.N * s.Ho * s.Wo <= 2048;
+}
+
 Tiling make_tiling(const MlpconvShape& s, int64_t elem, bool wino) {
-  if (!wino) return Tiling(s.N, s.Ho * s.Wo, tile_target(s, elem));
+  if (!wino) {
+    const int64_t rows = s.N * s.Ho * s.Wo;
+    return Tiling(s.N, s.Ho * s.Wo, weight_heavy(s) ? rows : tile_target(s, elem));
+  }
   return Tiling(s.N, s.Ho * s.Wo, 512, 2 * s.Wo);
 }
 
@@ -414,7 +434,7 @@ void mlpconv_forward_impl(const MlpconvShape& s, const at::Tensor& x, at::Tensor
   const at::Tensor xc = x.to(acc).contiguous(at::MemoryFormat::ChannelsLast);  // NHWC
   const acc_t* xp = xc.data_ptr<acc_t>();
   const bool wino = use_winograd(s, xc, weights[0].to(acc).contiguous());
-  const Params<acc_t> prm = pack_params<acc_t>(s, weights, biases, /*wt=*/true, /*w=*/false, wino);
+  const Params<acc_t> prm = pack_params<acc_t>(s, weights, biases, /*wt=*/false, /*w=*/true, wino);
 
   const Tiling tl = make_tiling(s, sizeof(acc_t), wino);
   std::optional<Winograd<acc_t>> winop;
@@ -459,7 +479,7 @@ void mlpconv_forward_impl(const MlpconvShape& s, const at::Tensor& x, at::Tensor
         if (i == 0 && wino) {
           winop->multiply_output(q0, q1, wk, z);
         } else {
-          gemm_rm<acc_t>(false, false, rows, C, kin, a, kin, prm.wt(i), C, acc_t(0), z, ldz);
+          gemm_rm<acc_t>(false, true, rows, C, kin, a, kin, prm.w(i), kin, acc_t(0), z, ldz);
         }
         bias_relu(z, rows, C, ldz, prm.bias(i));
         a = z;
@@ -564,7 +584,7 @@ void mlpconv_backward_impl(const MlpconvShape& s, const at::Tensor& grad_out, co
       gap ? grad_out.to(acc).contiguous() : grad_out.to(acc).contiguous(at::MemoryFormat::ChannelsLast);
   const acc_t* gop = go.data_ptr<acc_t>();
   const bool wino = use_winograd(s, xc, weights[0].to(acc).contiguous(), go);
-  const Params<acc_t> prm = pack_params<acc_t>(s, weights, biases, /*wt=*/n_recompute > 0, /*w=*/true, wino);
+  const Params<acc_t> prm = pack_params<acc_t>(s, weights, biases, /*wt=*/false, /*w=*/true, wino);
   at::Tensor oc;
   const acc_t* outp = nullptr;
   if (use_out) {
@@ -655,7 +675,7 @@ void mlpconv_backward_impl(const MlpconvShape& s, const at::Tensor& grad_out, co
           if (i == 0 && wino) {
             winop->multiply_output(q0, q1, wk, z);
           } else {
-            gemm_rm<acc_t>(false, false, rows, s.C[i], prm.Kin[i], a[i], prm.Kin[i], prm.wt(i), s.C[i], acc_t(0),
+            gemm_rm<acc_t>(false, true, rows, s.C[i], prm.Kin[i], a[i], prm.Kin[i], prm.w(i), prm.Kin[i], acc_t(0),
                            z, s.C[i]);
           }
           bias_relu(z, rows, s.C[i], s.C[i], prm.bias(i));
