@@ -224,6 +224,22 @@ def test_cpu_cifar_blocks_fp32(monkeypatch, block, conv):
         run_case(x, ws, bs, (1, 1), p, gap=True, grad_norm="rms")
 
 
+@pytest.mark.parametrize("conv", ["auto", "winograd"])
+@pytest.mark.parametrize("n", [1, 3])
+def test_cpu_weight_heavy_fp32(monkeypatch, conv, n):
+    """Stage weights of >= 2^20 elements over few pixels (the ImageNet NiN's block 4 regime): the
+    CPU kernel runs the call as one tile with MKL threading its products (im2col; forced Winograd
+    keeps its own work items). Map and GAP outputs, both layouts, every gradient."""
+    monkeypatch.setenv("FASTNIN_CPU_CONV", conv)
+    x = make_x(n, 256, 5, 5, "cpu").relu()
+    ws, bs = make_params(256, [512, 512, 10], (3, 3), "cpu")
+    assert sum(w.numel() for w in ws) >= 2**20
+    with fastnin.use_backend("cpu"):
+        run_case(x, ws, bs, (1, 1), (1, 1), grad_norm="rms")
+        run_case(x, ws, bs, (1, 1), (1, 1), x_layout="channels_last", grad_norm="rms")
+        run_case(x, ws, bs, (1, 1), (1, 1), gap=True, grad_norm="rms")
+
+
 def test_cpu_conv_env_bad_value(monkeypatch):
     monkeypatch.setenv("FASTNIN_CPU_CONV", "fft")
     x = make_x(1, 3, 6, 6, "cpu")
