@@ -202,22 +202,23 @@ def test_large_tiles_fp32(backend_device):
 @pytest.mark.parametrize(
     "block",
     [
-        pytest.param((96, [192, 192, 192], (5, 5), (2, 2), 16), id="cifar-block2-5x5"),
-        pytest.param((192, [192, 192, 10], (3, 3), (1, 1), 8), id="cifar-block3-3x3"),
+        pytest.param((96, [192, 192, 192], (5, 5), (2, 2), 16, 4), id="cifar-block2-5x5"),
+        pytest.param((192, [192, 192, 10], (3, 3), (1, 1), 8, 16), id="cifar-block3-3x3"),
     ],
 )
 def test_cpu_cifar_blocks_fp32(monkeypatch, block, conv):
-    """The paper's CIFAR-10 NiN blocks 2 and 3 at full width (batch 2), fp32, on the CPU under each
-    first-stage algorithm: the shapes auto picks Winograd for. The output is held to the max rule
-    (Winograd measured at ~0.4x of the bound on the 5x5 block, ~0.9x on the 3x3 192->192 one).
+    """The paper's CIFAR-10 NiN blocks 2 and 3 at full width (1024 output pixels a call: the
+    smallest that auto runs through Winograd), fp32, on the CPU under each first-stage algorithm.
+    The output is held to the max rule (Winograd's max error measured at these shapes: 1.7x / 1.3x
+    torch's NCHW error on blocks 2 / 3, 0.8x / 0.7x its channels_last error; the rule allows 2x).
 
     The gradients are held to the rms rule: at this width the max rule measures which
     implementation's rounding happened to peak, not accuracy. Measured on block 3 over 4 seeds,
     torch's own channels_last gradients against its NCHW ones as the bound: grad x 1.4-2.0x,
     weights[1] 0.6-1.2x, weights[2] 0.7-1.25x of the bound; ours (im2col or Winograd) 0.4-1.2x."""
     monkeypatch.setenv("FASTNIN_CPU_CONV", conv)
-    cin, chs, k, p, hw = block
-    x = make_x(2, cin, hw, hw, "cpu").relu()  # a block's input is a ReLU's (pooled) output
+    cin, chs, k, p, hw, n = block
+    x = make_x(n, cin, hw, hw, "cpu").relu()  # a block's input is a ReLU's (pooled) output
     ws, bs = make_params(cin, chs, k, "cpu")
     with fastnin.use_backend("cpu"):
         run_case(x, ws, bs, (1, 1), p, x_layout="channels_last", grad_norm="rms")

@@ -258,9 +258,12 @@ bool all_finite(const at::Tensor& t) {
 
 // The first stage's algorithm: Winograd (winograd.h) where the stride is 1, the kernel at least
 // 3x3, Cin >= 16 (below that the stage is memory-bound: the CIFAR NiN's 5x5 3->192 first block
-// ran no faster) and the call has >= 2048 output pixels (below that the transformed weight,
-// 16/9 the weight's size, costs more than the multiplies saved: 8x384x6x6 3x3 -> 1024 ran 2x
-// slower, 8x384x5x5 -> 10 1.6x slower, 1 thread), im2col + GEMM elsewhere. FASTNIN_CPU_CONV=im2col or winograd forces one where it
+// ran no faster) and the call has >= 1024 output pixels (below that the transformed weight, 16/9
+// the weight's size, costs more than the multiplies saved), im2col + GEMM elsewhere. Measured
+// with python -m fastnin.bench --batch B, 2 threads, forced either way: CIFAR block 3 (3x3
+// 192->192) at 1024 pixels fwd 1.04x vs im2col's 0.76x of eager, fwd+bwd 0.82x vs 0.66x; at 512
+// pixels Winograd lost (0.71x vs 0.75x fwd); block 2 (5x5 96->192) at 1024 pixels 0.81x vs 0.73x
+// fwd. FASTNIN_CPU_CONV=im2col or winograd forces one where it
 // applies; the tests run both. Winograd needs stride 1, a kernel other than 1x1, and finite x,
 // weight (and grad_out in the backward): its transforms mix neighbouring pixels, so an Inf would
 // meet -Inf (NaN) or reach outputs whose receptive field does not hold it, unlike torch's
@@ -268,7 +271,7 @@ bool all_finite(const at::Tensor& t) {
 // compute type, dense).
 bool use_winograd(const MlpconvShape& s, const at::Tensor& x, const at::Tensor& w0,
                   const at::Tensor& grad_out = at::Tensor()) {
-  bool wanted = s.kh >= 3 && s.kw >= 3 && s.Cin >= 16 && s.N * s.Ho * s.Wo >= 2048;
+  bool wanted = s.kh >= 3 && s.kw >= 3 && s.Cin >= 16 && s.N * s.Ho * s.Wo >= 1024;
   const char* env = std::getenv("FASTNIN_CPU_CONV");
   if (env != nullptr && *env != '\0') {
     const std::string v(env);
@@ -306,6 +309,9 @@ Tiling make_tiling(const MlpconvShape& s, int64_t elem, bool wino) {
     const int64_t rows = s.N * s.Ho * s.Wo;
     return Tiling(s.N, s.Ho * s.Wo, weight_heavy(s) ? rows : tile_target(s, elem));
   }
+  // Weight-heavy: one work item too (the textbook NiN's block 3, 8x256x12x12 3x3 -> 384: fwd
+  // 0.78x -> 0.85x of eager, fwd+bwd 0.59x -> 0.75x against 512-pixel items).
+  if (weight_heavy(s)) return Tiling(s.N, s.Ho * s.Wo, s.N * s.Ho * s.Wo, 2 * s.Wo);
   return Tiling(s.N, s.Ho * s.Wo, 512, 2 * s.Wo);
 }
 
