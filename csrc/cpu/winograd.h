@@ -254,6 +254,99 @@ FASTNIN_CLONES inline void wino_output_adjoint<float>(const float* g00, const fl
   wino_output_adjoint_impl(g00, g01, g10, g11, K, dM, ldm);
 }
 
+// The filter transform of one row of U: u[e * ldu + k] = (G g G^T)[xi][nu] (e = 4 xi + nu) for
+// k < K1, from the 3x3 taps g[p][q][k] (rows of K1 kernel values, or zeros), in double, rounded
+// once to T.
+template <typename T>
+FASTNIN_INLINE void wino_filter_row_impl(const T* const (&g)[3][3], int64_t K1, T* __restrict u, int64_t ldu) {
+  constexpr int L = 8;
+  auto block = [&](int64_t k, auto lanes) {
+    constexpr int n = decltype(lanes)::value;
+    double t[4][3][n];  // G g
+    for (int q = 0; q < 3; ++q) {
+      for (int l = 0; l < n; ++l) {
+        const double g0 = g[0][q][k + l], g1 = g[1][q][k + l], g2 = g[2][q][k + l];
+        t[0][q][l] = g0;
+        t[1][q][l] = 0.5 * (g0 + g1 + g2);
+        t[2][q][l] = 0.5 * (g0 - g1 + g2);
+        t[3][q][l] = g2;
+      }
+    }
+    for (int xi = 0; xi < 4; ++xi) {  // (G g) G^T
+      for (int l = 0; l < n; ++l) {
+        u[(4 * xi + 0) * ldu + k + l] = static_cast<T>(t[xi][0][l]);
+        u[(4 * xi + 1) * ldu + k + l] = static_cast<T>(0.5 * (t[xi][0][l] + t[xi][1][l] + t[xi][2][l]));
+        u[(4 * xi + 2) * ldu + k + l] = static_cast<T>(0.5 * (t[xi][0][l] - t[xi][1][l] + t[xi][2][l]));
+        u[(4 * xi + 3) * ldu + k + l] = static_cast<T>(t[xi][2][l]);
+      }
+    }
+  };
+  int64_t k = 0;
+  for (; k + L <= K1; k += L) block(k, std::integral_constant<int, L>{});
+  for (; k < K1; ++k) block(k, std::integral_constant<int, 1>{});
+}
+template <typename T>
+inline void wino_filter_row(const T* const (&g)[3][3], int64_t K1, T* u, int64_t ldu) {
+  wino_filter_row_impl(g, K1, u, ldu);
+}
+template <>
+FASTNIN_CLONES inline void wino_filter_row<float>(const float* const (&g)[3][3], int64_t K1, float* u, int64_t ldu) {
+  wino_filter_row_impl(g, K1, u, ldu);
+}
+
+// The adjoint of wino_filter_row: dst[p][q][k] = (G^T dU G)[p][q] for k < K1, from the 16 rows
+// du[e * ldu + k], in double, rounded once to T.
+template <typename T>
+FASTNIN_INLINE void wino_filter_grad_row_impl(const T* __restrict du, int64_t ldu, int64_t K1, T* const (&dst)[3][3]) {
+  constexpr int L = 8;
+  auto block = [&](int64_t k, auto lanes) {
+    constexpr int n = decltype(lanes)::value;
+    double sm[3][4][n];  // G^T dU
+    for (int nu = 0; nu < 4; ++nu) {
+      for (int l = 0; l < n; ++l) {
+        const double d0 = du[(0 + nu) * ldu + k + l], d1 = du[(4 + nu) * ldu + k + l],
+                     d2 = du[(8 + nu) * ldu + k + l], d3 = du[(12 + nu) * ldu + k + l];
+        sm[0][nu][l] = d0 + 0.5 * (d1 + d2);
+        sm[1][nu][l] = 0.5 * (d1 - d2);
+        sm[2][nu][l] = 0.5 * (d1 + d2) + d3;
+      }
+    }
+    for (int p = 0; p < 3; ++p) {  // (G^T dU) G
+      for (int l = 0; l < n; ++l) {
+        dst[p][0][k + l] = static_cast<T>(sm[p][0][l] + 0.5 * (sm[p][1][l] + sm[p][2][l]));
+        dst[p][1][k + l] = static_cast<T>(0.5 * (sm[p][1][l] - sm[p][2][l]));
+        dst[p][2][k + l] = static_cast<T>(0.5 * (sm[p][1][l] + sm[p][2][l]) + sm[p][3][l]);
+      }
+    }
+  };
+  int64_t k = 0;
+  for (; k + L <= K1; k += L) block(k, std::integral_constant<int, L>{});
+  for (; k < K1; ++k) block(k, std::integral_constant<int, 1>{});
+}
+template <typename T>
+inline void wino_filter_grad_row(const T* du, int64_t ldu, int64_t K1, T* const (&dst)[3][3]) {
+  wino_filter_grad_row_impl(du, ldu, K1, dst);
+}
+template <>
+FASTNIN_CLONES inline void wino_filter_grad_row<float>(const float* du, int64_t ldu, int64_t K1,
+                                                      float* const (&dst)[3][3]) {
+  wino_filter_grad_row_impl(du, ldu, K1, dst);
+}
+
+// dst[i] += src[i], i < n (the split kernels' input-gradient blocks summed per grid tile).
+template <typename T>
+FASTNIN_INLINE void wino_add_impl(T* __restrict dst, const T* __restrict src, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] += src[i];
+}
+template <typename T>
+inline void wino_add(T* dst, const T* src, int64_t n) {
+  wino_add_impl(dst, src, n);
+}
+template <>
+FASTNIN_CLONES inline void wino_add<float>(float* dst, const float* src, int64_t n) {
+  wino_add_impl(dst, src, n);
+}
+
 // Per-thread buffers.
 template <typename T>
 struct WinoWork {
@@ -284,50 +377,26 @@ class Winograd {
     Kw_ = nsh_ * nsw_ * C_;
     // U_e[(a * nsw + b) * Cin + c][k] = (G g_ab G^T)[xi][nu], in double, then rounded once. The
     // weight goes to [kh][kw][Cin][K1] first so that the loops run along k, contiguous both ways.
-    // (One copy pass: permuting and converting in two steps measured ~2% of a CIFAR block's forward.)
-    const at::Tensor w = at::empty({s.kh, s.kw, C_, K1_}, w0.options().dtype(at::kDouble));
-    w.copy_(w0.permute({2, 3, 1, 0}));
-    const double* wp = w.data_ptr<double>();
+    // The weight stays in T there (converted to double as it is read): a permuting copy into
+    // double went through TensorIterator's scalar conversion loop, 6% of CIFAR block 3's forward.
+    const at::Tensor w =
+        w0.to(c10::CppTypeToScalarType<T>::value).permute({2, 3, 1, 0}).contiguous();
+    const T* wp = w.data_ptr<T>();
     U_ = at::empty({16, Kw_, K1_}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
     T* up = U_.data_ptr<T>();
     const int64_t K1 = K1_, Kw = Kw_;
     at::parallel_for(0, Kw_, 1, [&](int64_t rb, int64_t re) {
-      std::vector<double> zero(K1, 0.0);
+      std::vector<T> zero(K1, T(0));
       for (int64_t row = rb; row < re; ++row) {
         const int64_t ab = row / C_, c = row % C_, a = ab / nsw_, b = ab % nsw_;
-        const double* g[3][3];
+        const T* g[3][3];
         for (int p = 0; p < 3; ++p) {
           for (int q = 0; q < 3; ++q) {
             const bool tap = wino_tap(s.kh, nsh_, a, p) && wino_tap(s.kw, nsw_, b, q);
             g[p][q] = tap ? wp + (((2 * a + p) * s.kw + 2 * b + q) * C_ + c) * K1 : zero.data();
           }
         }
-        T* u = up + row * K1;
-        constexpr int L = 8;
-        auto block = [&](int64_t k, auto lanes) {
-          constexpr int n = decltype(lanes)::value;
-          double t[4][3][n];  // G g
-          for (int q = 0; q < 3; ++q) {
-            for (int l = 0; l < n; ++l) {
-              const double g0 = g[0][q][k + l], g1 = g[1][q][k + l], g2 = g[2][q][k + l];
-              t[0][q][l] = g0;
-              t[1][q][l] = 0.5 * (g0 + g1 + g2);
-              t[2][q][l] = 0.5 * (g0 - g1 + g2);
-              t[3][q][l] = g2;
-            }
-          }
-          for (int xi = 0; xi < 4; ++xi) {  // (G g) G^T
-            for (int l = 0; l < n; ++l) {
-              u[(4 * xi + 0) * Kw * K1 + k + l] = static_cast<T>(t[xi][0][l]);
-              u[(4 * xi + 1) * Kw * K1 + k + l] = static_cast<T>(0.5 * (t[xi][0][l] + t[xi][1][l] + t[xi][2][l]));
-              u[(4 * xi + 2) * Kw * K1 + k + l] = static_cast<T>(0.5 * (t[xi][0][l] - t[xi][1][l] + t[xi][2][l]));
-              u[(4 * xi + 3) * Kw * K1 + k + l] = static_cast<T>(t[xi][2][l]);
-            }
-          }
-        };
-        int64_t k = 0;
-        for (; k + L <= K1; k += L) block(k, std::integral_constant<int, L>{});
-        for (; k < K1; ++k) block(k, std::integral_constant<int, 1>{});
+        wino_filter_row<T>(g, K1, up + row * K1, Kw * K1);
       }
     });
   }
@@ -436,8 +505,7 @@ class Winograd {
               for (int64_t a = 0; a < nsh_; ++a) {
                 for (int64_t b = 0; b < nsw_; ++b) {
                   T* dst = acc + e * ldv + ((ty - ty0 + a) * gw_ + tx + b) * C_;
-                  const T* s = src + (a * nsw_ + b) * C_;
-                  for (int64_t c = 0; c < C_; ++c) dst[c] += s[c];
+                  wino_add<T>(dst, src + (a * nsw_ + b) * C_, C_);
                 }
               }
             }
@@ -472,31 +540,7 @@ class Winograd {
             dst[p][q] = tap ? tp + (((2 * a + p) * kw + 2 * b + q) * C_ + c) * K1 : sink.data();
           }
         }
-        const T* du = dU + row * K1;
-        constexpr int L = 8;
-        auto block = [&](int64_t k, auto lanes) {
-          constexpr int n = decltype(lanes)::value;
-          double sm[3][4][n];  // G^T dU
-          for (int nu = 0; nu < 4; ++nu) {
-            for (int l = 0; l < n; ++l) {
-              const double d0 = du[(0 + nu) * Kw * K1 + k + l], d1 = du[(4 + nu) * Kw * K1 + k + l],
-                           d2 = du[(8 + nu) * Kw * K1 + k + l], d3 = du[(12 + nu) * Kw * K1 + k + l];
-              sm[0][nu][l] = d0 + 0.5 * (d1 + d2);
-              sm[1][nu][l] = 0.5 * (d1 - d2);
-              sm[2][nu][l] = 0.5 * (d1 + d2) + d3;
-            }
-          }
-          for (int p = 0; p < 3; ++p) {  // (G^T dU) G
-            for (int l = 0; l < n; ++l) {
-              dst[p][0][k + l] = static_cast<T>(sm[p][0][l] + 0.5 * (sm[p][1][l] + sm[p][2][l]));
-              dst[p][1][k + l] = static_cast<T>(0.5 * (sm[p][1][l] - sm[p][2][l]));
-              dst[p][2][k + l] = static_cast<T>(0.5 * (sm[p][1][l] + sm[p][2][l]) + sm[p][3][l]);
-            }
-          }
-        };
-        int64_t k = 0;
-        for (; k + L <= K1; k += L) block(k, std::integral_constant<int, L>{});
-        for (; k < K1; ++k) block(k, std::integral_constant<int, 1>{});
+        wino_filter_grad_row<T>(dU + row * K1, Kw * K1, K1, dst);
       }
     });
     // [kh][kw][Cin][K1] -> [K1][kh][kw][Cin]
@@ -568,8 +612,7 @@ class Winograd {
       if (iy < 0 || iy >= s_.H) continue;
       T* dst = gx + ((n * s_.H + iy) * s_.W + ix0 + jlo) * C_;
       const T* src = dd + (4 * i + jlo) * C_;
-      const int64_t len = (jhi - jlo) * C_;
-      for (int64_t e = 0; e < len; ++e) dst[e] += src[e];
+      wino_add<T>(dst, src, (jhi - jlo) * C_);
     }
   }
 
