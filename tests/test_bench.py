@@ -155,18 +155,22 @@ def test_quick_cli_writes_valid_json_and_markdown(quick_run, capsys):
     ids = [r["case"] for r in data["rows"]]
     assert ids == [f"mlpconv cifar.b3{g} {m}" for g in ("", "+gap") for m in ("fwd", "fwdbwd")]
     for r in data["rows"]:
-        assert set(r["providers"]) == {"fastnin-cpu", "eager", "eager-cl"}
+        assert set(r["providers"]) == {"fastnin-cpu", "fastnin-cpu-cl", "eager", "eager-cl"}
         for name, e in r["providers"].items():
             assert "error" not in e, (name, e)
             assert e["ms"] > 0 and e["n"] >= 2
             assert e["max_err"] < 1e-5, (r["case"], name, e["max_err"])
-        d_ = r["fastnin"]["fastnin-cpu"]
         eager_best = min(r["providers"]["eager"]["ms"], r["providers"]["eager-cl"]["ms"])
-        assert d_["vs_eager"] == pytest.approx(eager_best / r["providers"]["fastnin-cpu"]["ms"])
-        assert d_["vs_compile"] is None and d_["tflops"] > 0
+        for name in ("fastnin-cpu", "fastnin-cpu-cl"):  # each layout against eager's faster one
+            d_ = r["fastnin"][name]
+            assert d_["vs_eager"] == pytest.approx(eager_best / r["providers"][name]["ms"])
+            assert d_["vs_compile"] is None and d_["tflops"] > 0
     md = (d / "r.md").read_text()
     assert md.startswith("# fastnin benchmark:")
-    assert "| case | shape | fastnin-cpu ms | eager ms | eager-cl ms | x eager | x compile |" in md
+    assert (
+        "| case | shape | fastnin-cpu ms | fastnin-cpu-cl ms | eager ms | eager-cl ms | cpu x eager | cpu x compile |"
+        in md
+    )
     assert sum(line.startswith("| mlpconv cifar.b3") and "| 2x12x3x4 " in line for line in md.splitlines()) == 4
     assert "## Peak memory" in md
     assert "torch.compile: not run" in md
@@ -181,14 +185,15 @@ def test_compare(quick_run, tmp_path, capsys):
     _, d = quick_run
     old = json.loads((d / "r.json").read_text())
     # An "old" run in which fastnin was twice as slow: the new speedups are twice the old.
+    fast = ("fastnin-cpu", "fastnin-cpu-cl")
     for r in old["rows"]:
-        e = r["providers"]["fastnin-cpu"]
-        e["ms"] *= 2
-        r["fastnin"]["fastnin-cpu"]["vs_eager"] /= 2
+        for name in fast:
+            r["providers"][name]["ms"] *= 2
+            r["fastnin"][name]["vs_eager"] /= 2
     old["meta"]["commit"] = "old0001"
     new = json.loads((d / "r.json").read_text())
     cmp = report.compare(new, old)
-    assert cmp["old_commit"] == "old0001" and len(cmp["rows"]) == 4
+    assert cmp["old_commit"] == "old0001" and len(cmp["rows"]) == 4 * len(fast)  # 4 cases
     for c in cmp["rows"]:
         assert c["change_vs_eager"] == pytest.approx(2.0)
         assert c["time_ratio"] == pytest.approx(0.5)
@@ -335,7 +340,7 @@ def test_models_through_a_standin(monkeypatch, tmp_path):
     for mode in ("infer", "train"):
         r = rows[f"model nin_cifar10 {mode}"]
         assert r["shape"] == "2x3x8x8"
-        for name in ("fastnin-cpu", "eager", "eager-cl"):
+        for name in ("fastnin-cpu", "fastnin-cpu-cl", "eager", "eager-cl"):
             e = r["providers"][name]
             assert "error" not in e, (name, e)
             assert e["ms"] > 0 and e["max_err"] < 1e-5, (name, e)

@@ -15,7 +15,7 @@ import torch
 
 @dataclass(frozen=True)
 class Provider:
-    name: str  # "fastnin-cpu", "fastnin-cuda", "fastnin-triton", "eager", "eager-cl", "compile"
+    name: str  # "fastnin-cpu", "fastnin-cpu-cl", "fastnin-cuda", "fastnin-triton", "eager", "eager-cl", "compile"
     kind: str  # "fastnin" | "eager" | "compile"
     backend: str = "torch"  # the fastnin backend in force while it runs
     channels_last: bool = False
@@ -33,7 +33,8 @@ class Provider:
 
     def describe(self) -> str:
         if self.kind == "fastnin":
-            return f"fastnin backend {self.backend!r}, NCHW input"
+            layout = "channels_last input and weights (models: model.to(channels_last))" if self.channels_last else "NCHW input"
+            return f"fastnin backend {self.backend!r}, {layout}"
         if self.kind == "eager":
             return "torch eager, " + ("channels_last" if self.channels_last else "NCHW")
         return f"torch.compile(mode={self.compile_mode!r}) of the eager composition, NCHW"
@@ -68,6 +69,12 @@ def fastnin_backends(device: str, include_interpreter: bool = False) -> list[str
 
 def all_providers(device: str, with_compile: bool, include_interpreter: bool = False) -> list[Provider]:
     provs = [Provider(f"fastnin-{b}", "fastnin", backend=b) for b in fastnin_backends(device, include_interpreter)]
+    # The CPU kernels work in NHWC: fed NCHW they convert the input and the output, and a model's
+    # pools and other torch layers between them run NCHW too. So the CPU backend is also timed
+    # in channels_last, the layout torch's own CPU convolutions prefer (eager-cl): each side in
+    # each layout, labelled, and every speedup stays against eager's faster layout.
+    if "cpu" in [p.backend for p in provs]:
+        provs.append(Provider("fastnin-cpu-cl", "fastnin", backend="cpu", channels_last=True))
     provs += [EAGER, EAGER_CL]
     if with_compile:
         provs.append(compile_provider(device))
