@@ -11,8 +11,10 @@
 //     masked full-width step and the lanes are added by a fixed tree (fp32: GCC vector types,
 //     see gap_rows_f32), so results do not depend on the ISA or the thread count.
 //   * channels_last: for each image, L rows of C contiguous channels: per-channel sums over the
-//     pixels, vectorized along C, in blocks of 256 pixels added into the totals for the same
-//     reason. Tasks are (image, block of channels), so one image still spreads over the threads.
+//     pixels, vectorized along C, in blocks of 16 pixels added into the totals (two-level sums:
+//     blocks of 256 measured 4.7e-7 relative error on 64x384x13x13 against torch's 1.6e-7;
+//     blocks of 16 gave 1.6e-7 at the same speed). Tasks are (image, block of channels), so one
+//     image still spreads over the threads.
 // Backward: grad_x[n, c, h, w] = grad_out[n, c] / (H*W), a broadcast fill in the layout asked for
 // (rows of one value for contiguous; for channels_last one precomputed C-vector copied per pixel).
 //
@@ -38,7 +40,7 @@ using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 constexpr int64_t kLanes = 32;
 constexpr int64_t kRowBlock = 4096;  // elements per blocked partial sum (contiguous rows)
-constexpr int64_t kPixBlock = 256;   // pixels per blocked partial sum (channels_last)
+constexpr int64_t kPixBlock = 16;    // pixels per blocked partial sum (channels_last)
 
 // GCC vector types for the fp32 row sums: the horizontal sum of the 32 lanes as a fixed tree of
 // shuffles (the same tree as the generic loop below, so the same result); written as a plain
