@@ -36,7 +36,10 @@ def parse_dtype(name: str) -> str:
 class Settings:
     warmup: int = 1
     rounds: int = 3  # interleaved timing rounds per case
-    min_reps: int = 3  # per provider, over all rounds
+    # per provider, over all rounds. 5, not 3: a model's training step (~0.3 s on the CPU) got only
+    # the minimum, and medians of 3 moved AlexNet's step by 1.6x between runs (176-180 ms when
+    # timed 12 times in a loop, 190-320 ms as medians of 3 in the bench).
+    min_reps: int = 5
     max_reps: int = 60
     target_s: float = 0.3  # seconds of samples per provider and case
     budget_s: float | None = None  # skip the remaining cases past this many seconds
