@@ -457,7 +457,8 @@ class Winograd {
   // The backward of pixels [q0, q1), after transform_input on them: g [rows, K1] is the gradient
   // of the pre-activation. dU (if not null) += A^T dM; gx (NHWC, if not null) += the input
   // gradient. Uses wk.M for dM.
-  void backward(const T* g, int64_t q0, int64_t q1, WinoWork<T>& wk, T* dU, T* gx) const {
+  // dU_init: dU holds garbage to overwrite (the first item of a chunk) rather than a sum to add to.
+  void backward(const T* g, int64_t q0, int64_t q1, WinoWork<T>& wk, T* dU, T* gx, bool dU_init = false) const {
     const int64_t nt = tiles(q0, q1);
     T* dM = wino_buf(wk.M, 16 * tmax_ * K1_);
     // Pixels past the map's edge contribute zero gradients: 4 zero rows (read only).
@@ -477,8 +478,8 @@ class Winograd {
     const T* U = U_.data_ptr<T>();
     if (dU != nullptr) {
       for (int64_t e = 0; e < 16; ++e) {
-        gemm_rm<T>(true, false, Kw_, K1_, nt, A + e * tmax_ * Kw_, Kw_, dM + e * tmax_ * K1_, K1_, T(1),
-                   dU + e * Kw_ * K1_, K1_);
+        gemm_rm<T>(true, false, Kw_, K1_, nt, A + e * tmax_ * Kw_, Kw_, dM + e * tmax_ * K1_, K1_,
+                   dU_init ? T(0) : T(1), dU + e * Kw_ * K1_, K1_);
       }
     }
     if (gx == nullptr) return;
