@@ -382,8 +382,12 @@ class Winograd {
     const at::Tensor w =
         w0.to(c10::CppTypeToScalarType<T>::value).permute({2, 3, 1, 0}).contiguous();
     const T* wp = w.data_ptr<T>();
-    U_ = at::empty({16, Kw_, K1_}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
-    T* up = U_.data_ptr<T>();
+    // U lives in a buffer the calling thread keeps from call to call: a fresh 2-5 MB tensor per
+    // call cost ~1150 page faults (measured with the weight-gradient buffers, see mlpconv.cpp).
+    // One Winograd object per thread at a time (one per mlpconv call).
+    static thread_local std::vector<T> u_store;
+    T* up = wino_buf(u_store, 16 * Kw_ * K1_);
+    U_ = up;
     const int64_t K1 = K1_, Kw = Kw_;
     at::parallel_for(0, Kw_, 1, [&](int64_t rb, int64_t re) {
       std::vector<T> zero(K1, T(0));
@@ -438,7 +442,7 @@ class Winograd {
     const T* A = wk.A.data();
     T* M = wino_buf(wk.M, 16 * tmax_ * K1_);
     T* scratch = wino_buf(wk.zero, 4 * K1_);  // outputs past the map's edge go here
-    const T* U = U_.data_ptr<T>();
+    const T* U = U_;
     for (int64_t e = 0; e < 16; ++e) {
       gemm_rm<T>(false, false, nt, K1_, Kw_, A + e * tmax_ * Kw_, Kw_, U + e * Kw_ * K1_, K1_, T(0),
                  M + e * tmax_ * K1_, K1_);
@@ -475,7 +479,7 @@ class Winograd {
       }
     });
     const T* A = wk.A.data();
-    const T* U = U_.data_ptr<T>();
+    const T* U = U_;
     if (dU != nullptr) {
       for (int64_t e = 0; e < 16; ++e) {
         gemm_rm<T>(true, false, Kw_, K1_, nt, A + e * tmax_ * Kw_, Kw_, dM + e * tmax_ * K1_, K1_,
@@ -528,7 +532,8 @@ class Winograd {
   // along k into [kh][kw][Cin][K1], then transposed.
   void weight_grad(const T* dU, T* gw) const {
     const int64_t kh = s_.kh, kw = s_.kw, K1 = K1_, Kw = Kw_;
-    at::Tensor tmp = at::empty({kh, kw, C_, K1}, U_.options());
+    const auto opt = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+    at::Tensor tmp = at::empty({kh, kw, C_, K1}, opt);
     T* tp = tmp.data_ptr<T>();
     at::parallel_for(0, Kw_, 1, [&](int64_t rb, int64_t re) {
       std::vector<T> sink(K1);
@@ -545,7 +550,7 @@ class Winograd {
       }
     });
     // [kh][kw][Cin][K1] -> [K1][kh][kw][Cin]
-    at::from_blob(gw, {K1, kh, kw, C_}, U_.options()).copy_(tmp.permute({3, 0, 1, 2}));
+    at::from_blob(gw, {K1, kh, kw, C_}, opt).copy_(tmp.permute({3, 0, 1, 2}));
   }
 
  private:
@@ -620,7 +625,7 @@ class Winograd {
   MlpconvShape s_;
   int64_t K1_, C_, tmax_;
   int64_t nsh_ = 1, nsw_ = 1, th_ = 0, tw_ = 0, gw_ = 0, Kw_ = 0;
-  at::Tensor U_;
+  const T* U_ = nullptr;  // [16][Kw][K1], in a thread_local store (see the constructor)
 };
 
 }  // namespace fastnin::cpu
