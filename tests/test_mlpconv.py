@@ -241,6 +241,19 @@ def test_cpu_weight_heavy_fp32(monkeypatch, conv, n):
         run_case(x, ws, bs, (1, 1), (1, 1), gap=True, grad_norm="rms")
 
 
+def test_cpu_winograd_large_weight(monkeypatch):
+    """Forced Winograd with a 3x3 768 -> 768 weight: its transformed weight and weight-gradient
+    buffers (16 x 768 x 768 floats, 38 MB) exceed what a thread keeps between calls (32 MB), so
+    they take the call-owned path. Twice, so that a kept buffer from the first call is not
+    mistaken for a fresh one."""
+    monkeypatch.setenv("FASTNIN_CPU_CONV", "winograd")
+    x = make_x(2, 768, 4, 5, "cpu").relu()
+    ws, bs = make_params(768, [768], (3, 3), "cpu")
+    with fastnin.use_backend("cpu"):
+        for _ in range(2):
+            run_case(x, ws, bs, (1, 1), (1, 1), x_layout="channels_last", grad_norm="rms")
+
+
 def test_cpu_conv_env_bad_value(monkeypatch):
     monkeypatch.setenv("FASTNIN_CPU_CONV", "fft")
     x = make_x(1, 3, 6, 6, "cpu")

@@ -648,7 +648,8 @@ void mlpconv_backward_impl(const MlpconvShape& s, const at::Tensor& grad_out, co
   // overwrites its block (beta 0). A fresh zeroed 2.4-9.4 MB vector per call cost page faults and
   // a memset, ~10% of CIFAR block 3's weight-gradient work (2 threads).
   static thread_local std::vector<acc_t> dU_store;
-  acc_t* dU_acc = buf(dU_store, nchunks * usize);
+  std::vector<acc_t> dU_own;
+  acc_t* dU_acc = fastnin::cpu::kept_or_own(dU_store, dU_own, nchunks * usize);
 
   at::parallel_for(0, nchunks, 1, [&](int64_t cb, int64_t ce) {
     const int64_t T = tl.max_rows();
