@@ -255,17 +255,19 @@ FASTNIN_CLONES inline void wino_output_adjoint<float>(const float* g00, const fl
 }
 
 // The filter transform of one row of U: u[e * ldu + k] = (G g G^T)[xi][nu] (e = 4 xi + nu) for
-// k < K1, from the 3x3 taps g[p][q][k] (rows of K1 kernel values, or zeros), in double, rounded
-// once to T.
+// k < K1, from the 3x3 taps g[p][q][k * sk[p][q]] (the weight read in place, sk its
+// output-channel stride; or one zero with stride 0), in double, rounded once to T.
 template <typename T>
-FASTNIN_INLINE void wino_filter_row_impl(const T* const (&g)[3][3], int64_t K1, T* __restrict u, int64_t ldu) {
+FASTNIN_INLINE void wino_filter_row_impl(const T* const (&g)[3][3], const int64_t (&sk)[3][3], int64_t K1,
+                                          T* __restrict u, int64_t ldu) {
   constexpr int L = 8;
   auto block = [&](int64_t k, auto lanes) {
     constexpr int n = decltype(lanes)::value;
     double t[4][3][n];  // G g
     for (int q = 0; q < 3; ++q) {
       for (int l = 0; l < n; ++l) {
-        const double g0 = g[0][q][k + l], g1 = g[1][q][k + l], g2 = g[2][q][k + l];
+        const double g0 = g[0][q][(k + l) * sk[0][q]], g1 = g[1][q][(k + l) * sk[1][q]],
+                     g2 = g[2][q][(k + l) * sk[2][q]];
         t[0][q][l] = g0;
         t[1][q][l] = 0.5 * (g0 + g1 + g2);
         t[2][q][l] = 0.5 * (g0 - g1 + g2);
@@ -286,18 +288,20 @@ FASTNIN_INLINE void wino_filter_row_impl(const T* const (&g)[3][3], int64_t K1, 
   for (; k < K1; ++k) block(k, std::integral_constant<int, 1>{});
 }
 template <typename T>
-inline void wino_filter_row(const T* const (&g)[3][3], int64_t K1, T* u, int64_t ldu) {
-  wino_filter_row_impl(g, K1, u, ldu);
+inline void wino_filter_row(const T* const (&g)[3][3], const int64_t (&sk)[3][3], int64_t K1, T* u, int64_t ldu) {
+  wino_filter_row_impl(g, sk, K1, u, ldu);
 }
 template <>
-FASTNIN_CLONES inline void wino_filter_row<float>(const float* const (&g)[3][3], int64_t K1, float* u, int64_t ldu) {
-  wino_filter_row_impl(g, K1, u, ldu);
+FASTNIN_CLONES inline void wino_filter_row<float>(const float* const (&g)[3][3], const int64_t (&sk)[3][3],
+                                                  int64_t K1, float* u, int64_t ldu) {
+  wino_filter_row_impl(g, sk, K1, u, ldu);
 }
 
-// The adjoint of wino_filter_row: dst[p][q][k] = (G^T dU G)[p][q] for k < K1, from the 16 rows
-// du[e * ldu + k], in double, rounded once to T.
+// The adjoint of wino_filter_row: dst[p][q][k * sk[p][q]] = (G^T dU G)[p][q] for k < K1, from
+// the 16 rows du[e * ldu + k], in double, rounded once to T.
 template <typename T>
-FASTNIN_INLINE void wino_filter_grad_row_impl(const T* __restrict du, int64_t ldu, int64_t K1, T* const (&dst)[3][3]) {
+FASTNIN_INLINE void wino_filter_grad_row_impl(const T* __restrict du, int64_t ldu, int64_t K1, T* const (&dst)[3][3],
+                                               const int64_t (&sk)[3][3]) {
   constexpr int L = 8;
   auto block = [&](int64_t k, auto lanes) {
     constexpr int n = decltype(lanes)::value;
@@ -313,9 +317,9 @@ FASTNIN_INLINE void wino_filter_grad_row_impl(const T* __restrict du, int64_t ld
     }
     for (int p = 0; p < 3; ++p) {  // (G^T dU) G
       for (int l = 0; l < n; ++l) {
-        dst[p][0][k + l] = static_cast<T>(sm[p][0][l] + 0.5 * (sm[p][1][l] + sm[p][2][l]));
-        dst[p][1][k + l] = static_cast<T>(0.5 * (sm[p][1][l] - sm[p][2][l]));
-        dst[p][2][k + l] = static_cast<T>(0.5 * (sm[p][1][l] + sm[p][2][l]) + sm[p][3][l]);
+        dst[p][0][(k + l) * sk[p][0]] = static_cast<T>(sm[p][0][l] + 0.5 * (sm[p][1][l] + sm[p][2][l]));
+        dst[p][1][(k + l) * sk[p][1]] = static_cast<T>(0.5 * (sm[p][1][l] - sm[p][2][l]));
+        dst[p][2][(k + l) * sk[p][2]] = static_cast<T>(0.5 * (sm[p][1][l] + sm[p][2][l]) + sm[p][3][l]);
       }
     }
   };
@@ -324,13 +328,14 @@ FASTNIN_INLINE void wino_filter_grad_row_impl(const T* __restrict du, int64_t ld
   for (; k < K1; ++k) block(k, std::integral_constant<int, 1>{});
 }
 template <typename T>
-inline void wino_filter_grad_row(const T* du, int64_t ldu, int64_t K1, T* const (&dst)[3][3]) {
-  wino_filter_grad_row_impl(du, ldu, K1, dst);
+inline void wino_filter_grad_row(const T* du, int64_t ldu, int64_t K1, T* const (&dst)[3][3],
+                                 const int64_t (&sk)[3][3]) {
+  wino_filter_grad_row_impl(du, ldu, K1, dst, sk);
 }
 template <>
 FASTNIN_CLONES inline void wino_filter_grad_row<float>(const float* du, int64_t ldu, int64_t K1,
-                                                      float* const (&dst)[3][3]) {
-  wino_filter_grad_row_impl(du, ldu, K1, dst);
+                                                      float* const (&dst)[3][3], const int64_t (&sk)[3][3]) {
+  wino_filter_grad_row_impl(du, ldu, K1, dst, sk);
 }
 
 // dst[i] += src[i], i < n (the split kernels' input-gradient blocks summed per grid tile).
@@ -385,12 +390,13 @@ class Winograd {
     gw_ = tw_ + nsw_ - 1;
     Kw_ = nsh_ * nsw_ * C_;
     // U_e[(a * nsw + b) * Cin + c][k] = (G g_ab G^T)[xi][nu], in double, then rounded once. The
-    // weight goes to [kh][kw][Cin][K1] first so that the loops run along k, contiguous both ways.
-    // The weight stays in T there (converted to double as it is read): a permuting copy into
-    // double went through TensorIterator's scalar conversion loop, 6% of CIFAR block 3's forward.
-    const at::Tensor w =
-        w0.to(c10::CppTypeToScalarType<T>::value).permute({2, 3, 1, 0}).contiguous();
+    // loops run along k, reading the weight in place through its strides (any layout): a
+    // permuted copy first ([kh][kw][Cin][K1], contiguous along k) went through TensorIterator's
+    // transposing copy at ~1 ns per element, 0.2-0.6 ms a call on NiN's blocks. For a given row
+    // (c) the K1 taps it reads lie in K1 cache lines that the next rows (c + 1, ...) reuse.
+    const at::Tensor w = w0.to(c10::CppTypeToScalarType<T>::value);
     const T* wp = w.data_ptr<T>();
+    const int64_t sk = w.stride(0), sc = w.stride(1), sy = w.stride(2), sx = w.stride(3);
     // U lives in a buffer the calling thread keeps from call to call (kept_or_own): a fresh 2-5 MB
     // tensor per call cost ~1150 page faults (CIFAR block 3 backward 10.4-10.8 -> 9.9-10.2 ms).
     // One Winograd object per thread at a time (one per mlpconv call).
@@ -399,17 +405,19 @@ class Winograd {
     U_ = up;
     const int64_t K1 = K1_, Kw = Kw_;
     at::parallel_for(0, Kw_, 1, [&](int64_t rb, int64_t re) {
-      std::vector<T> zero(K1, T(0));
+      const T zero = T(0);  // a tap outside the kernel (stride 0)
       for (int64_t row = rb; row < re; ++row) {
         const int64_t ab = row / C_, c = row % C_, a = ab / nsw_, b = ab % nsw_;
         const T* g[3][3];
+        int64_t st[3][3];
         for (int p = 0; p < 3; ++p) {
           for (int q = 0; q < 3; ++q) {
             const bool tap = wino_tap(s.kh, nsh_, a, p) && wino_tap(s.kw, nsw_, b, q);
-            g[p][q] = tap ? wp + (((2 * a + p) * s.kw + 2 * b + q) * C_ + c) * K1 : zero.data();
+            g[p][q] = tap ? wp + c * sc + (2 * a + p) * sy + (2 * b + q) * sx : &zero;
+            st[p][q] = tap ? sk : 0;
           }
         }
-        wino_filter_row<T>(g, K1, up + row * K1, Kw * K1);
+        wino_filter_row<T>(g, st, K1, up + row * K1, Kw * K1);
       }
     });
   }
@@ -538,28 +546,26 @@ class Winograd {
 
   // gw[K1][kh][kw][Cin] = the kernel gradient, from dU summed over all work items: each sub-kernel
   // gradient is G^T dU G (in double), and each kernel tap belongs to one sub-kernel. Computed
-  // along k into [kh][kw][Cin][K1], then transposed.
+  // along k and written in place with gw's stride along k (no intermediate [kh][kw][Cin][K1]
+  // copy and transposing copy, as in the constructor).
   void weight_grad(const T* dU, T* gw) const {
-    const int64_t kh = s_.kh, kw = s_.kw, K1 = K1_, Kw = Kw_;
-    const auto opt = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
-    at::Tensor tmp = at::empty({kh, kw, C_, K1}, opt);
-    T* tp = tmp.data_ptr<T>();
+    const int64_t kh = s_.kh, kw = s_.kw, K1 = K1_, Kw = Kw_, sk = kh * kw * C_;
     at::parallel_for(0, Kw_, 1, [&](int64_t rb, int64_t re) {
-      std::vector<T> sink(K1);
+      T sink;  // the zero taps of a sub-kernel (stride 0)
       for (int64_t row = rb; row < re; ++row) {
         const int64_t ab = row / C_, c = row % C_, a = ab / nsw_, b = ab % nsw_;
         T* dst[3][3];
+        int64_t st[3][3];
         for (int p = 0; p < 3; ++p) {
           for (int q = 0; q < 3; ++q) {
             const bool tap = wino_tap(kh, nsh_, a, p) && wino_tap(kw, nsw_, b, q);
-            dst[p][q] = tap ? tp + (((2 * a + p) * kw + 2 * b + q) * C_ + c) * K1 : sink.data();
+            dst[p][q] = tap ? gw + ((2 * a + p) * kw + 2 * b + q) * C_ + c : &sink;
+            st[p][q] = tap ? sk : 0;
           }
         }
-        wino_filter_grad_row<T>(dU + row * K1, Kw * K1, K1, dst);
+        wino_filter_grad_row<T>(dU + row * K1, Kw * K1, K1, dst, st);
       }
     });
-    // [kh][kw][Cin][K1] -> [K1][kh][kw][Cin]
-    at::from_blob(gw, {K1, kh, kw, C_}, opt).copy_(tmp.permute({3, 0, 1, 2}));
   }
 
  private:
