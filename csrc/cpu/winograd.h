@@ -385,7 +385,6 @@ class Winograd {
       : s_(s), K1_(s.C[0]), C_(s.Cin), tmax_(tmax) {
     nsh_ = wino_subkernels(s.kh);
     nsw_ = wino_subkernels(s.kw);
-    th_ = (s.Ho + 1) / 2;
     tw_ = (s.Wo + 1) / 2;
     gw_ = tw_ + nsw_ - 1;
     Kw_ = nsh_ * nsw_ * C_;
@@ -639,7 +638,7 @@ class Winograd {
 
   MlpconvShape s_;
   int64_t K1_, C_, tmax_;
-  int64_t nsh_ = 1, nsw_ = 1, th_ = 0, tw_ = 0, gw_ = 0, Kw_ = 0;
+  int64_t nsh_ = 1, nsw_ = 1, tw_ = 0, gw_ = 0, Kw_ = 0;
   const T* U_ = nullptr;  // [16][Kw][K1], in a thread_local store or u_own_ (see the constructor)
   std::vector<T> u_own_;
 };
