@@ -62,6 +62,7 @@
 namespace {
 
 using fastnin::MlpconvShape;
+using fastnin::cpu::add_to;
 using fastnin::cpu::gemm_rm;
 using fastnin::cpu::Winograd;
 using fastnin::cpu::WinoWork;
@@ -126,10 +127,6 @@ FASTNIN_INLINE void colsum_add_impl(const T* __restrict g, int64_t rows, int64_t
   }
 }
 
-template <typename T>
-FASTNIN_INLINE void add_impl(T* __restrict dst, const T* __restrict src, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] += src[i];
-}
 
 template <typename T>
 inline void bias_relu(T* z, int64_t rows, int64_t C, int64_t ld, const T* bias) {
@@ -146,10 +143,6 @@ inline void masked_grad(T* g, const T* go, int64_t gstride, const T* h, int64_t 
 template <typename T>
 inline void colsum_add(const T* g, int64_t rows, int64_t C, int64_t ld, double* acc) {
   colsum_add_impl(g, rows, C, ld, acc);
-}
-template <typename T>
-inline void add_to(T* dst, const T* src, int64_t n) {
-  add_impl(dst, src, n);
 }
 
 template <>
@@ -168,10 +161,6 @@ FASTNIN_CLONES void masked_grad<float>(float* g, const float* go, int64_t gstrid
 template <>
 FASTNIN_CLONES void colsum_add<float>(const float* g, int64_t rows, int64_t C, int64_t ld, double* acc) {
   colsum_add_impl(g, rows, C, ld, acc);
-}
-template <>
-FASTNIN_CLONES void add_to<float>(float* dst, const float* src, int64_t n) {
-  add_impl(dst, src, n);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -241,10 +230,11 @@ FASTNIN_INLINE bool finite_span_impl(const U* __restrict p, int64_t n) {
 FASTNIN_CLONES bool finite_span(const uint32_t* p, int64_t n) { return finite_span_impl(p, n); }
 FASTNIN_CLONES bool finite_span(const uint64_t* p, int64_t n) { return finite_span_impl(p, n); }
 
-bool all_finite(const at::Tensor& t) {
-  if (!t.defined() || t.numel() == 0) return true;
-  TORCH_INTERNAL_ASSERT(t.is_non_overlapping_and_dense() &&
-                        (t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble));
+bool all_finite(const at::Tensor& t_in) {
+  if (!t_in.defined() || t_in.numel() == 0) return true;
+  // Any dense layout is read as one span (NCHW or channels_last); others are made dense first.
+  const at::Tensor t = t_in.is_non_overlapping_and_dense() ? t_in : t_in.contiguous();
+  TORCH_INTERNAL_ASSERT(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble);
   std::atomic<bool> ok{true};
   const bool is_float = t.scalar_type() == at::kFloat;
   const char* base = static_cast<const char*>(t.const_data_ptr());
@@ -263,12 +253,11 @@ bool all_finite(const at::Tensor& t) {
 // with python -m fastnin.bench --batch B, 2 threads, forced either way: CIFAR block 3 (3x3
 // 192->192) at 1024 pixels fwd 1.04x vs im2col's 0.76x of eager, fwd+bwd 0.82x vs 0.66x; at 512
 // pixels Winograd lost (0.71x vs 0.75x fwd); block 2 (5x5 96->192) at 1024 pixels 0.81x vs 0.73x
-// fwd. FASTNIN_CPU_CONV=im2col or winograd forces one where it
-// applies; the tests run both. Winograd needs stride 1, a kernel other than 1x1, and finite x,
+// fwd. FASTNIN_CPU_CONV=im2col or winograd forces one where it applies; the tests run both.
+// Winograd needs stride 1, a kernel other than 1x1, and finite x,
 // weight (and grad_out in the backward): its transforms mix neighbouring pixels, so an Inf would
 // meet -Inf (NaN) or reach outputs whose receptive field does not hold it, unlike torch's
-// convolution. The check is one pass over those tensors (all_finite: x, w0 and grad_out in the
-// compute type, dense).
+// convolution. The check is one pass over those tensors (all_finite, in the compute type).
 bool use_winograd(const MlpconvShape& s, const at::Tensor& x, const at::Tensor& w0,
                   const at::Tensor& grad_out = at::Tensor()) {
   bool wanted = s.kh >= 3 && s.kw >= 3 && s.Cin >= 16 && s.N * s.Ho * s.Wo >= 1024;
@@ -305,14 +294,11 @@ bool weight_heavy(const MlpconvShape& s) {
 }
 
 Tiling make_tiling(const MlpconvShape& s, int64_t elem, bool wino) {
-  if (!wino) {
-    const int64_t rows = s.N * s.Ho * s.Wo;
-    return Tiling(s.N, s.Ho * s.Wo, weight_heavy(s) ? rows : tile_target(s, elem));
-  }
-  // Weight-heavy: one work item too (the textbook NiN's block 3, 8x256x12x12 3x3 -> 384: fwd
-  // 0.78x -> 0.85x of eager, fwd+bwd 0.59x -> 0.75x against 512-pixel items).
-  if (weight_heavy(s)) return Tiling(s.N, s.Ho * s.Wo, s.N * s.Ho * s.Wo, 2 * s.Wo);
-  return Tiling(s.N, s.Ho * s.Wo, 512, 2 * s.Wo);
+  const int64_t HW = s.Ho * s.Wo;
+  // Weight-heavy Winograd calls are one work item too (the textbook NiN's block 3, 8x256x12x12
+  // 3x3 -> 384: fwd 0.78x -> 0.85x of eager, fwd+bwd 0.59x -> 0.75x against 512-pixel items).
+  if (weight_heavy(s)) return Tiling(s.N, HW, s.N * HW, wino ? 2 * s.Wo : 1);
+  return wino ? Tiling(s.N, HW, 512, 2 * s.Wo) : Tiling(s.N, HW, tile_target(s, elem));
 }
 
 // The most 2x2 tiles a Winograd work item of `tl` holds.
@@ -378,18 +364,17 @@ template <typename acc_t>
 struct Params {
   int64_t S = 0;
   std::vector<int64_t> Kin;          // input width of each stage (K for stage 0)
-  std::vector<at::Tensor> Wt;        // [Kin_s, C_s]: z = a * Wt (forward)
-  std::vector<at::Tensor> W;         // [C_s, Kin_s]: g_s = g_{s+1} * W (backward), (kh, kw, cin) order
-  std::vector<at::Tensor> b;         // [C_s] or undefined
-  const acc_t* wt(int64_t i) const { return Wt[i].template data_ptr<acc_t>(); }
+  // [C_s, Kin_s], (kh, kw, cin) order: z = a W^T (forward, an NT GEMM: a transposed copy per
+  // call cost more than the ImageNet NiN block 4's products), g_s = g_{s+1} W (backward)
+  std::vector<at::Tensor> W;
+  std::vector<at::Tensor> b;  // [C_s] or undefined
   const acc_t* w(int64_t i) const { return W[i].template data_ptr<acc_t>(); }
   const acc_t* bias(int64_t i) const { return b[i].defined() ? b[i].template data_ptr<acc_t>() : nullptr; }
 };
 
 template <typename acc_t>
 Params<acc_t> pack_params(const MlpconvShape& s, at::TensorList weights,
-                          const c10::List<std::optional<at::Tensor>>& biases, bool need_wt, bool need_w,
-                          bool skip_first = false) {
+                          const c10::List<std::optional<at::Tensor>>& biases, bool skip_first = false) {
   const auto acc = c10::CppTypeToScalarType<acc_t>::value;
   Params<acc_t> p;
   p.S = s.stages();
@@ -399,8 +384,7 @@ Params<acc_t> pack_params(const MlpconvShape& s, at::TensorList weights,
     const int64_t C = w.size(0), Kin = w.size(1) * w.size(2) * w.size(3);
     p.Kin.push_back(Kin);
     const bool skip = skip_first && i == 0;  // stage 0 runs through Winograd
-    p.Wt.push_back(need_wt && !skip ? w.reshape({C, Kin}).t().contiguous() : at::Tensor());
-    p.W.push_back(need_w && !skip ? w.contiguous().view({C, Kin}) : at::Tensor());
+    p.W.push_back(skip ? at::Tensor() : w.contiguous().view({C, Kin}));
     const std::optional<at::Tensor> b = biases[i];
     p.b.push_back(b.has_value() && b->defined() ? b->to(acc).contiguous() : at::Tensor());
   }
@@ -439,8 +423,8 @@ void mlpconv_forward_impl(const MlpconvShape& s, const at::Tensor& x, at::Tensor
 
   const at::Tensor xc = x.to(acc).contiguous(at::MemoryFormat::ChannelsLast);  // NHWC
   const acc_t* xp = xc.data_ptr<acc_t>();
-  const bool wino = use_winograd(s, xc, weights[0].to(acc).contiguous());
-  const Params<acc_t> prm = pack_params<acc_t>(s, weights, biases, /*wt=*/false, /*w=*/true, wino);
+  const bool wino = use_winograd(s, xc, weights[0].to(acc));
+  const Params<acc_t> prm = pack_params<acc_t>(s, weights, biases, wino);
 
   const Tiling tl = make_tiling(s, sizeof(acc_t), wino);
   std::optional<Winograd<acc_t>> winop;
@@ -589,8 +573,8 @@ void mlpconv_backward_impl(const MlpconvShape& s, const at::Tensor& grad_out, co
   const at::Tensor go =
       gap ? grad_out.to(acc).contiguous() : grad_out.to(acc).contiguous(at::MemoryFormat::ChannelsLast);
   const acc_t* gop = go.data_ptr<acc_t>();
-  const bool wino = use_winograd(s, xc, weights[0].to(acc).contiguous(), go);
-  const Params<acc_t> prm = pack_params<acc_t>(s, weights, biases, /*wt=*/false, /*w=*/true, wino);
+  const bool wino = use_winograd(s, xc, weights[0].to(acc), go);
+  const Params<acc_t> prm = pack_params<acc_t>(s, weights, biases, wino);
   at::Tensor oc;
   const acc_t* outp = nullptr;
   if (use_out) {

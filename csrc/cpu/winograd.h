@@ -49,6 +49,7 @@
 #include "checks.h"
 #include "cpu/attributes.h"
 #include "cpu/gemm.h"
+#include "cpu/vec.h"
 
 namespace fastnin::cpu {
 
@@ -338,20 +339,6 @@ FASTNIN_CLONES inline void wino_filter_grad_row<float>(const float* du, int64_t 
   wino_filter_grad_row_impl(du, ldu, K1, dst, sk);
 }
 
-// dst[i] += src[i], i < n (the split kernels' input-gradient blocks summed per grid tile).
-template <typename T>
-FASTNIN_INLINE void wino_add_impl(T* __restrict dst, const T* __restrict src, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] += src[i];
-}
-template <typename T>
-inline void wino_add(T* dst, const T* src, int64_t n) {
-  wino_add_impl(dst, src, n);
-}
-template <>
-FASTNIN_CLONES inline void wino_add<float>(float* dst, const float* src, int64_t n) {
-  wino_add_impl(dst, src, n);
-}
-
 // Per-thread buffers.
 template <typename T>
 struct WinoWork {
@@ -526,7 +513,7 @@ class Winograd {
               for (int64_t a = 0; a < nsh_; ++a) {
                 for (int64_t b = 0; b < nsw_; ++b) {
                   T* dst = acc + e * ldv + ((ty - ty0 + a) * gw_ + tx + b) * C_;
-                  wino_add<T>(dst, src + (a * nsw_ + b) * C_, C_);
+                  add_to<T>(dst, src + (a * nsw_ + b) * C_, C_);
                 }
               }
             }
@@ -632,7 +619,7 @@ class Winograd {
       if (iy < 0 || iy >= s_.H) continue;
       T* dst = gx + ((n * s_.H + iy) * s_.W + ix0 + jlo) * C_;
       const T* src = dd + (4 * i + jlo) * C_;
-      wino_add<T>(dst, src, (jhi - jlo) * C_);
+      add_to<T>(dst, src, (jhi - jlo) * C_);
     }
   }
 
