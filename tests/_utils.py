@@ -96,6 +96,19 @@ def grads_of(out: torch.Tensor, inputs: list, grad_out: torch.Tensor) -> list:
     return [next(it) if (t is not None and t.requires_grad) else None for t in inputs]
 
 
+def check_grad_x(ys, xs, go: torch.Tensor, memory_format: torch.memory_format) -> None:
+    """The input gradient of one op three ways, ys = (ours, float64 reference, torch in x's dtype)
+    from their leaf inputs xs: ours has x's dtype, shape and the layout asked for, and meets the
+    tolerance rule."""
+    (y, yr, yt), (xo, xr, xt) = ys, xs
+    (g,) = grads_of(y, [xo], go)
+    (gr,) = grads_of(yr, [xr], go.double())
+    (gt,) = grads_of(yt, [xt], go)
+    assert g.dtype == xo.dtype and g.shape == xo.shape
+    assert g.is_contiguous(memory_format=memory_format), f"grad layout {g.stride()}"
+    assert_close_rule(g, gr, gt, "grad x")
+
+
 def leaf(t: torch.Tensor | None, requires_grad: bool = True):
     if t is None:
         return None
@@ -109,3 +122,12 @@ def same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.is_contiguous() == b.is_contiguous() and a.is_contiguous(
         memory_format=torch.channels_last
     ) == b.is_contiguous(memory_format=torch.channels_last)
+
+
+def train_args(out, model: str, epochs: int, limit: int, batch: int, *extra: str) -> list[str]:
+    """A `python -m fastnin.train` command line for the CPU tests: a small run, no progress bar."""
+    a = ["--model", model, "--epochs", str(epochs), "--limit", str(limit), "--batch-size", str(batch),
+         "--device", "cpu", "--no-progress"]
+    if out is not None:
+        a += ["--out", str(out)]
+    return a + list(extra)

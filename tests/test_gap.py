@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from _utils import DTYPES, assert_close_rule, grads_of, leaf, make_layout
+from _utils import DTYPES, assert_close_rule, check_grad_x, leaf, make_layout
 
 import fastnin
 from fastnin import reference
@@ -61,12 +61,7 @@ def run_case(x, layout="contiguous", grad_out_kind="random"):
         go = torch.randn(yr.shape[::-1], generator=gen).to(device=x.device, dtype=dtype).t()
     else:
         raise ValueError(grad_out_kind)
-    (g,) = grads_of(y, [xo], go)
-    (gr,) = grads_of(yr, [xr], go.double())
-    (gt,) = grads_of(yt, [xt], go)
-    assert g.dtype == dtype and g.shape == x.shape
-    assert g.is_contiguous(memory_format=grad_layout(xs)), f"grad layout {g.stride()}"
-    assert_close_rule(g, gr, gt, "grad x")
+    check_grad_x((y, yr, yt), (xo, xr, xt), go, grad_layout(xs))
     return y
 
 

@@ -9,10 +9,12 @@ then runs in fp32 and rounds). Shapes are small for the Triton interpreter.
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 import torch.nn.functional as F
-from _utils import DTYPES, assert_close_rule, grads_of, leaf, make_layout, same_layout
+from _utils import DTYPES, assert_close_rule, check_grad_x, grads_of, leaf, make_layout, same_layout
 
 import fastnin
 from fastnin import reference
@@ -68,12 +70,7 @@ def run_case(x, size, alpha=ALPHA, beta=BETA, k=K, layout="contiguous", grad_out
         go = make_layout(torch.randn(x.shape, generator=gen).to(device=x.device, dtype=dtype), "channels_last")
     else:
         raise ValueError(grad_out_kind)
-    (g,) = grads_of(y, [xo], go)
-    (gr,) = grads_of(yr, [xr], go.double())
-    (gt,) = grads_of(yt, [xt], go)
-    assert g.dtype == dtype and g.shape == x.shape
-    assert g.is_contiguous(memory_format=lrn_output_format(xs)), f"grad layout {g.stride()}"
-    assert_close_rule(g, gr, gt, "grad x")
+    check_grad_x((y, yr, yt), (xo, xr, xt), go, lrn_output_format(xs))
     return y
 
 
@@ -339,18 +336,24 @@ def test_bad_input_backward_op(backend_device):
 # CPU kernel variants
 # ----------------------------------------------------------------------------------------------
 
-_ISA_SCRIPT = """
-import sys, torch, fastnin
-x, go = torch.load(sys.argv[1])
-out = []
-for dt in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-    for xx in (x, x.contiguous(memory_format=torch.channels_last)):
-        xx = xx.to(dt)
-        for size, beta in ((5, 0.75), (4, 1.3)):
-            out.append(torch.ops.fastnin.lrn(xx, size, 0.6, beta, 1.5))
-            out.append(torch.ops.fastnin.lrn_backward(go.to(dt), xx, size, 0.6, beta, 1.5))
-torch.save(out, sys.argv[2])
-"""
+def _isa_outputs(x, go):
+    """Every dtype, layout and two windows of the CPU LRN forward and backward on (x, go)."""
+    out = []
+    for dt in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        for xx in (x, x.contiguous(memory_format=torch.channels_last)):
+            xx = xx.to(dt)
+            for size, beta in ((5, 0.75), (4, 1.3)):
+                out.append(torch.ops.fastnin.lrn(xx, size, 0.6, beta, 1.5))
+                out.append(torch.ops.fastnin.lrn_backward(go.to(dt), xx, size, 0.6, beta, 1.5))
+    return out
+
+
+# The child process runs the same _isa_outputs (its source), under another ATEN_CPU_CAPABILITY.
+_ISA_SCRIPT = (
+    "import sys, torch, fastnin\n"
+    + inspect.getsource(_isa_outputs)
+    + "x, go = torch.load(sys.argv[1])\ntorch.save(_isa_outputs(x, go), sys.argv[2])\n"
+)
 
 
 @pytest.mark.parametrize("capability", ["avx512", "avx2", "default"])
@@ -377,13 +380,7 @@ def test_cpu_isa_variants_agree(tmp_path, capability):
                          env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     theirs = torch.load(tmp_path / "out.pt")
-    ours = []
-    for dt in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-        for xx in (x, x.contiguous(memory_format=torch.channels_last)):
-            xx = xx.to(dt)
-            for size, beta in ((5, 0.75), (4, 1.3)):
-                ours.append(torch.ops.fastnin.lrn(xx, size, 0.6, beta, 1.5))
-                ours.append(torch.ops.fastnin.lrn_backward(go.to(dt), xx, size, 0.6, beta, 1.5))
+    ours = _isa_outputs(x, go)
     assert len(ours) == len(theirs)
     for i, (a, b) in enumerate(zip(ours, theirs)):
         assert torch.equal(a.isnan(), b.isnan()), i

@@ -12,6 +12,8 @@ import os
 import pytest
 import torch
 
+from _utils import train_args
+
 from fastnin.train import load_checkpoint, main, run
 from fastnin.train import loop as L
 
@@ -19,11 +21,7 @@ pytest.importorskip("sklearn")  # the embedded digits
 
 
 def _args(out=None, model="lenet", epochs=1, limit=64, batch=16, *extra):
-    a = ["--model", model, "--epochs", str(epochs), "--limit", str(limit), "--batch-size", str(batch),
-         "--device", "cpu", "--no-progress"]
-    if out is not None:
-        a += ["--out", str(out)]
-    return a + list(extra)
+    return train_args(out, model, epochs, limit, batch, *extra)
 
 
 def _digest(d) -> dict:

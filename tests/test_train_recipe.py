@@ -12,6 +12,8 @@ import pytest
 import torch
 from torch import nn
 
+from _utils import train_args
+
 from fastnin import models
 from fastnin.train import load_checkpoint, main, run
 from fastnin.train import loop as L
@@ -20,11 +22,7 @@ pytest.importorskip("sklearn")  # the embedded digits
 
 
 def _args(out=None, model="nin_cifar10", epochs=2, limit=32, batch=16, *extra):
-    a = ["--model", model, "--epochs", str(epochs), "--limit", str(limit), "--batch-size", str(batch),
-         "--device", "cpu", "--no-progress"]
-    if out is not None:
-        a += ["--out", str(out)]
-    return a + list(extra)
+    return train_args(out, model, epochs, limit, batch, *extra)
 
 
 # ------------------------------------------------------------------------------------------------
