@@ -63,6 +63,7 @@ namespace {
 
 using fastnin::MlpconvShape;
 using fastnin::cpu::add_to;
+using fastnin::cpu::buf;
 using fastnin::cpu::gemm_rm;
 using fastnin::cpu::Winograd;
 using fastnin::cpu::WinoWork;
@@ -397,16 +398,9 @@ void sum_chunks(T* acc, int64_t nchunks, int64_t n) {
   if (nchunks <= 1) return;
   at::parallel_for(0, n, 4096, [&](int64_t b, int64_t e) {
     for (int64_t c = 1; c < nchunks; ++c) {
-      const T* src = acc + c * n;
-      for (int64_t i = b; i < e; ++i) acc[i] += src[i];
+      add_to(acc + b, acc + c * n + b, e - b);
     }
   });
-}
-
-template <typename T>
-inline T* buf(std::vector<T>& v, int64_t n) {
-  if (static_cast<int64_t>(v.size()) < n) v.resize(n);
-  return v.data();
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -6,7 +6,17 @@
 
 #include "cpu/attributes.h"
 
+#include <vector>
+
 namespace fastnin::cpu {
+
+// v's storage, grown to at least n elements (kept, not shrunk: the per-thread buffers reused from
+// call to call).
+template <typename T>
+inline T* buf(std::vector<T>& v, int64_t n) {
+  if (static_cast<int64_t>(v.size()) < n) v.resize(n);
+  return v.data();
+}
 
 // dst[i] += src[i], i < n.
 template <typename T>

@@ -346,19 +346,13 @@ struct WinoWork {
   std::vector<T*> dst;
 };
 
-template <typename T>
-inline T* wino_buf(std::vector<T>& v, int64_t n) {
-  if (static_cast<int64_t>(v.size()) < n) v.resize(n);
-  return v.data();
-}
-
 // Weight-sized scratch (n elements): in `keep`, a buffer a thread keeps from call to call, when
 // it is at most kKeepBytes (then the next call skips the allocation and its page faults); in
 // `own`, freed by its owner, when larger, so that a huge layer leaves no huge buffer behind.
 constexpr int64_t kKeepBytes = int64_t(32) << 20;
 template <typename T>
 inline T* kept_or_own(std::vector<T>& keep, std::vector<T>& own, int64_t n) {
-  return n * static_cast<int64_t>(sizeof(T)) <= kKeepBytes ? wino_buf(keep, n) : wino_buf(own, n);
+  return n * static_cast<int64_t>(sizeof(T)) <= kKeepBytes ? buf(keep, n) : buf(own, n);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -412,7 +406,7 @@ class Winograd {
 
   // wk.A = the transformed input tiles of pixels [q0, q1) (NHWC x).
   void transform_input(const T* x, int64_t q0, int64_t q1, WinoWork<T>& wk) const {
-    T* A = wino_buf(wk.A, 16 * tmax_ * Kw_);
+    T* A = buf(wk.A, 16 * tmax_ * Kw_);
     const T* zeros = wino_zeros(wk);
     std::vector<T*>& dst = wk.dst;
     dst.resize(nsh_ * nsw_);
@@ -443,8 +437,8 @@ class Winograd {
   void multiply_output(int64_t q0, int64_t q1, WinoWork<T>& wk, T* z) const {
     const int64_t nt = tiles(q0, q1);
     const T* A = wk.A.data();
-    T* M = wino_buf(wk.M, 16 * tmax_ * K1_);
-    T* scratch = wino_buf(wk.zero, 4 * K1_);  // outputs past the map's edge go here
+    T* M = buf(wk.M, 16 * tmax_ * K1_);
+    T* scratch = buf(wk.zero, 4 * K1_);  // outputs past the map's edge go here
     const T* U = U_;
     for (int64_t e = 0; e < 16; ++e) {
       gemm_rm<T>(false, false, nt, K1_, Kw_, A + e * tmax_ * Kw_, Kw_, U + e * Kw_ * K1_, K1_, T(0),
@@ -467,9 +461,9 @@ class Winograd {
   // dU_init: dU holds garbage to overwrite (the first item of a chunk) rather than a sum to add to.
   void backward(const T* g, int64_t q0, int64_t q1, WinoWork<T>& wk, T* dU, T* gx, bool dU_init = false) const {
     const int64_t nt = tiles(q0, q1);
-    T* dM = wino_buf(wk.M, 16 * tmax_ * K1_);
+    T* dM = buf(wk.M, 16 * tmax_ * K1_);
     // Pixels past the map's edge contribute zero gradients: 4 zero rows (read only).
-    T* zeros = wino_buf(wk.zero, 4 * K1_);
+    T* zeros = buf(wk.zero, 4 * K1_);
     std::fill_n(zeros, 4 * K1_, T(0));
     for_each_segment(q0, q1, [&](int64_t, int64_t ty0, int64_t ty1, int64_t row0, int64_t pix0) {
       for (int64_t ty = ty0; ty < ty1; ++ty) {
@@ -490,12 +484,12 @@ class Winograd {
       }
     }
     if (gx == nullptr) return;
-    T* dA = wino_buf(wk.dA, 16 * tmax_ * Kw_);
+    T* dA = buf(wk.dA, 16 * tmax_ * Kw_);
     for (int64_t e = 0; e < 16; ++e) {
       gemm_rm<T>(false, true, nt, Kw_, K1_, dM + e * tmax_ * K1_, K1_, U + e * Kw_ * K1_, K1_, T(0),
                  dA + e * tmax_ * Kw_, Kw_);
     }
-    T* dd = wino_buf(wk.d, 16 * C_);
+    T* dd = buf(wk.d, 16 * C_);
     const bool split = nsh_ > 1 || nsw_ > 1;
     for_each_segment(q0, q1, [&](int64_t n, int64_t ty0, int64_t ty1, int64_t row0, int64_t) {
       const int64_t gy1 = ty1 + nsh_ - 1;
@@ -504,7 +498,7 @@ class Winograd {
       if (split) {
         // dV of a grid tile = the sum of the dA blocks of the tiles whose shifted copies it is.
         ldv = (gy1 - ty0) * gw_ * C_;
-        T* acc = wino_buf(wk.V, 16 * ldv);
+        T* acc = buf(wk.V, 16 * ldv);
         std::fill_n(acc, 16 * ldv, T(0));
         for (int64_t e = 0; e < 16; ++e) {
           for (int64_t ty = ty0; ty < ty1; ++ty) {
