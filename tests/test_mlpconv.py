@@ -254,6 +254,24 @@ def test_cpu_winograd_large_weight(monkeypatch):
             run_case(x, ws, bs, (1, 1), (1, 1), x_layout="channels_last", grad_norm="rms")
 
 
+@pytest.mark.parametrize(
+    "kernel", [(2, 2), (1, 3), (3, 1), (4, 6), (7, 7), (2, 5), (6, 3)], ids=lambda k: f"{k[0]}x{k[1]}"
+)
+def test_cpu_winograd_kernel_split(monkeypatch, kernel):
+    """Forced Winograd on kernels other than 3x3 and 5x5: each dimension splits into 3x3
+    sub-kernels, and point e's GEMM takes only the sub-kernels whose transform is not zero there
+    (one without a third tap is zero on row / column 3). Even sizes leave some points with no
+    sub-kernel at all; 7x7 mixes both kinds (3 sub-kernels, the last with a third tap). Forward and
+    every gradient, odd map sizes, both layouts."""
+    monkeypatch.setenv("FASTNIN_CPU_CONV", "winograd")
+    kh, kw = kernel
+    x = make_x(2, 5, 9 + kh % 2, 8 + kw % 2, "cpu")
+    ws, bs = make_params(5, [7, 4], kernel, "cpu")
+    with fastnin.use_backend("cpu"):
+        run_case(x, ws, bs, (1, 1), (kh // 2, kw // 2))
+        run_case(x, ws, bs, (1, 1), (kh // 2, kw // 2), x_layout="channels_last", w_layout="channels_last")
+
+
 def test_cpu_conv_env_bad_value(monkeypatch):
     monkeypatch.setenv("FASTNIN_CPU_CONV", "fft")
     x = make_x(1, 3, 6, 6, "cpu")

@@ -21,7 +21,7 @@
 // K = 75..2400, N = 96..192), oneDNN's direct convolution ~190 GF/s on the 5x5 96->192 layer.
 // Tiles of whole images through a oneDNN convolution per tile, then the 1x1 stages, were tried:
 // within 5% of this design forward and no better backward. Where the stride is 1 and the stage
-// wide enough, the KxK stage runs as Winograd F(2x2, 3x3) instead (winograd.h: 1.56x fewer
+// wide enough, the KxK stage runs as Winograd F(2x2, 3x3) instead (winograd.h: 2.04x fewer
 // multiplies for 5x5, 2.25x for 3x3), chosen per call by use_winograd(); im2col + GEMM elsewhere.
 // The backward recomputes the KxK product, ~1.3x the FLOPs of torch's backward for a 5x5 block
 // with im2col (Winograd's backward multiplies shrink with its forward's).
