@@ -272,6 +272,25 @@ def test_cpu_winograd_kernel_split(monkeypatch, kernel):
         run_case(x, ws, bs, (1, 1), (kh // 2, kw // 2), x_layout="channels_last", w_layout="channels_last")
 
 
+@pytest.mark.parametrize("conv", ["winograd", "im2col"])
+def test_cpu_more_threads_than_items(monkeypatch, conv):
+    """With more threads than 512-pixel work items the CPU kernel cuts smaller items (at least one
+    per thread, down to 128 pixels; 64 for im2col): here 7 threads on 2 x 20 x 17 output pixels,
+    images cut into bands, in both layouts and with GAP."""
+    monkeypatch.setenv("FASTNIN_CPU_CONV", conv)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(7)
+    try:
+        x = make_x(2, 6, 20, 17, "cpu")
+        ws, bs = make_params(6, [9, 7, 5], (3, 3), "cpu")
+        with fastnin.use_backend("cpu"):
+            run_case(x, ws, bs, (1, 1), (1, 1))
+            run_case(x, ws, bs, (1, 1), (1, 1), x_layout="channels_last")
+            run_case(x, ws, bs, (1, 1), (1, 1), gap=True)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_cpu_conv_env_bad_value(monkeypatch):
     monkeypatch.setenv("FASTNIN_CPU_CONV", "fft")
     x = make_x(1, 3, 6, 6, "cpu")

@@ -276,7 +276,13 @@ bool use_winograd(const MlpconvShape& s, const at::Tensor& x, const at::Tensor& 
 // Winograd work items: ~128 2x2 tiles (512 pixels), whole images or bands of an even number of
 // output rows. Measured on the CIFAR NiN's blocks 2 and 3 at batch 32 (1 thread): 512 pixels ran
 // ~5% faster than 256 forward and ~8% backward (the weight-gradient GEMM's depth is the tile
-// count), 1024 and 2048 no faster (the 16 transformed input blocks outgrow the 2 MB L2).
+// count), 1024 and 2048 no faster (the 16 transformed input blocks outgrow the 2 MB L2); after the
+// zero sub-kernel blocks were dropped (49 of 64 for 5x5), 1024-pixel forward items ran 2-6%
+// slower than 512 on blocks 2 and 3 (2 threads, separate processes alternated).
+//
+// Smaller items where a call has fewer pixels than 512 per thread (down to 128; 64 for im2col):
+// CIFAR block 3 at batch 32 has 2048 output pixels, four 512-pixel items, which would leave all
+// but four cores of a bigger machine idle. (On this 2-core machine no benchmark shape changes.)
 //
 // Weight-heavy calls (the stages' weights >= 2^20 elements, beyond a core's L2, and <= 2048 output
 // pixels: the ImageNet NiN's block 4, the textbook NiN's block 3) run as ONE tile: MKL repacks a
@@ -299,7 +305,11 @@ Tiling make_tiling(const MlpconvShape& s, int64_t elem, bool wino) {
   // Weight-heavy Winograd calls are one work item too (the textbook NiN's block 3, 8x256x12x12
   // 3x3 -> 384: fwd 0.78x -> 0.85x of eager, fwd+bwd 0.59x -> 0.75x against 512-pixel items).
   if (weight_heavy(s)) return Tiling(s.N, HW, s.N * HW, wino ? 2 * s.Wo : 1);
-  return wino ? Tiling(s.N, HW, 512, 2 * s.Wo) : Tiling(s.N, HW, tile_target(s, elem));
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t per_thread = (s.N * HW + threads - 1) / threads;
+  auto capped = [&](int64_t target, int64_t floor) { return std::min(target, std::max(floor, per_thread)); };
+  return wino ? Tiling(s.N, HW, capped(512, 128), 2 * s.Wo)
+              : Tiling(s.N, HW, capped(tile_target(s, elem), 64));
 }
 
 // The most 2x2 tiles a Winograd work item of `tl` holds.
