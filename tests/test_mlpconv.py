@@ -291,6 +291,40 @@ def test_cpu_more_threads_than_items(monkeypatch, conv):
         torch.set_num_threads(threads)
 
 
+def test_cpu_winograd_weight_cache(monkeypatch):
+    """The CPU kernel keeps the transformed weights of recent calls per thread and reuses one when
+    the weight matches byte for byte. It must notice a weight changed in place behind autograd's
+    back (.data: same pointer, same version counter), the same bytes read with other strides, and
+    more layers than it keeps (32 MB: each 3x3 256 -> 256 layer here holds 6.6 MB)."""
+    monkeypatch.setenv("FASTNIN_CPU_CONV", "winograd")
+
+    def check(x, ws, bs):
+        y = fastnin.ops.mlpconv(x, ws, bs, 1, 1)
+        r = reference.mlpconv(x.double(), [w.double() for w in ws], [b.double() for b in bs], (1, 1), (1, 1))
+        assert_close_rule(y, r, reference.mlpconv(x, ws, bs, (1, 1), (1, 1)), "mlpconv")
+
+    with fastnin.use_backend("cpu"), torch.no_grad():
+        x = make_x(1, 8, 6, 5, "cpu")
+        ws, bs = make_params(8, [6], (3, 3), "cpu")
+        check(x, ws, bs)
+        version = ws[0]._version
+        ws[0].data.mul_(-0.5)  # in place, behind autograd: pointer and version unchanged
+        assert ws[0]._version == version
+        check(x, ws, bs)
+        # the same bytes as channels_last strides: another weight
+        cl_strides = ws[0].contiguous(memory_format=torch.channels_last).stride()
+        w_cl = ws[0].reshape(-1).clone().as_strided(ws[0].shape, cl_strides)  # same memory, other meaning
+        assert not torch.equal(w_cl, ws[0])
+        check(x, [w_cl], bs)
+        check(x, ws, bs)
+        # six layers, more than the cache holds, twice round
+        x = make_x(1, 256, 4, 4, "cpu")
+        layers = [make_params(256, [256], (3, 3), "cpu", seed=i) for i in range(6)]
+        for _ in range(2):
+            for ws, bs in layers:
+                check(x, ws, bs)
+
+
 def test_cpu_conv_env_bad_value(monkeypatch):
     monkeypatch.setenv("FASTNIN_CPU_CONV", "fft")
     x = make_x(1, 3, 6, 6, "cpu")

@@ -46,6 +46,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <list>
 #include <type_traits>
 #include <vector>
 
@@ -358,6 +359,25 @@ inline T* kept_or_own(std::vector<T>& keep, std::vector<T>& own, int64_t n) {
   return n * static_cast<int64_t>(sizeof(T)) <= kKeepBytes ? buf(keep, n) : buf(own, n);
 }
 
+// Transformed weights a thread keeps from call to call, most recently used first, each with the
+// weight's elements it came from (in memory order) and what they mean (kh, kw, Cin, K1, strides):
+// a call whose weight matches an entry byte for byte reuses its U instead of transforming again.
+// That is the backward after its forward (every training step) and every inference call with
+// fixed weights. The comparison is of the values themselves, not of a pointer or a version
+// counter: a weight changed in place through .data keeps both. At most kKeepBytes in all; the
+// least recently used entries go first, their storage reused (no page faults for a fresh buffer).
+template <typename T>
+struct UCacheEntry {
+  std::vector<int64_t> key;
+  std::vector<T> w, U;
+  int64_t bytes() const { return static_cast<int64_t>((w.capacity() + U.capacity()) * sizeof(T)); }
+};
+template <typename T>
+std::list<UCacheEntry<T>>& u_cache() {
+  static thread_local std::list<UCacheEntry<T>> cache;
+  return cache;
+}
+
 // ---------------------------------------------------------------------------------------------
 // The first stage of one mlpconv call (stride 1), for a given weight.
 // ---------------------------------------------------------------------------------------------
@@ -398,11 +418,18 @@ class Winograd {
     const at::Tensor w = w0.to(c10::CppTypeToScalarType<T>::value);
     const T* wp = w.data_ptr<T>();
     const int64_t sk = w.stride(0), sc = w.stride(1), sy = w.stride(2), sx = w.stride(3);
-    // U lives in a buffer the calling thread keeps from call to call (kept_or_own): a fresh 2-5 MB
-    // tensor per call cost ~1150 page faults (CIFAR block 3 backward 10.4-10.8 -> 9.9-10.2 ms).
-    // One Winograd object per thread at a time (one per mlpconv call).
-    static thread_local std::vector<T> u_store;
-    T* up = kept_or_own(u_store, u_own_, Kw_ * K1_);
+    // U lives in the thread's cache (u_cache) when it and the weight fit in kKeepBytes and the
+    // weight is dense, else in a buffer this object owns. A fresh 2-5 MB buffer per call cost
+    // ~1150 page faults (CIFAR block 3 backward 10.4-10.8 -> 9.9-10.2 ms). One Winograd object per
+    // thread at a time (one per mlpconv call): the next one may reuse the storage.
+    T* up = nullptr;
+    const int64_t wn = w.numel();
+    if (w.is_non_overlapping_and_dense() && (wn + Kw_ * K1_) * static_cast<int64_t>(sizeof(T)) <= kKeepBytes) {
+      up = cached(std::vector<int64_t>{s.kh, s.kw, C_, K1_, sk, sc, sy, sx}, wp, wn);
+      if (up == nullptr) return;  // U_ is an entry's, already transformed
+    } else {
+      up = buf(u_own_, Kw_ * K1_);
+    }
     U_ = up;
     const int64_t K1 = K1_;
     at::parallel_for(0, nb_ * C_, 1, [&](int64_t rb, int64_t re) {
@@ -430,6 +457,37 @@ class Winograd {
   }
 
   int64_t u_size() const { return Kw_ * K1_; }
+
+ private:
+  // Points U_ at the cache entry for (key, the wn elements at wp) and returns null when there is
+  // one; else makes that entry (evicting as needed) and returns its U, to be filled.
+  T* cached(std::vector<int64_t> key, const T* wp, int64_t wn) {
+    auto& cache = u_cache<T>();
+    for (auto it = cache.begin(); it != cache.end(); ++it) {
+      if (it->key == key && static_cast<int64_t>(it->w.size()) == wn &&
+          std::memcmp(it->w.data(), wp, wn * sizeof(T)) == 0) {
+        cache.splice(cache.begin(), cache, it);
+        U_ = cache.front().U.data();
+        return nullptr;
+      }
+    }
+    const int64_t need = (wn + Kw_ * K1_) * static_cast<int64_t>(sizeof(T));
+    int64_t total = need;
+    for (const auto& e : cache) total += e.bytes();
+    UCacheEntry<T> entry;  // takes the storage of the last entry evicted
+    while (!cache.empty() && total > kKeepBytes) {
+      total -= cache.back().bytes();
+      entry = std::move(cache.back());
+      cache.pop_back();
+    }
+    entry.key = std::move(key);
+    entry.w.assign(wp, wp + wn);
+    entry.U.resize(Kw_ * K1_);
+    cache.push_front(std::move(entry));
+    return cache.front().U.data();
+  }
+
+ public:
 
   // wk.A = the transformed input tiles of pixels [q0, q1) (NHWC x).
   void transform_input(const T* x, int64_t q0, int64_t q1, WinoWork<T>& wk) const {
