@@ -57,6 +57,7 @@
 #include "checks.h"
 #include "cpu/attributes.h"
 #include "cpu/gemm.h"
+#include "cpu/layout.h"
 #include "cpu/winograd.h"
 
 namespace {
@@ -425,7 +426,7 @@ void mlpconv_forward_impl(const MlpconvShape& s, const at::Tensor& x, at::Tensor
   const int64_t K = s.kh * s.kw * s.Cin;
   const bool pointwise = s.kh == 1 && s.kw == 1 && s.sh == 1 && s.sw == 1 && s.ph == 0 && s.pw == 0;
 
-  const at::Tensor xc = x.to(acc).contiguous(at::MemoryFormat::ChannelsLast);  // NHWC
+  const at::Tensor xc = fastnin::cpu::nhwc<acc_t>(x);
   const acc_t* xp = xc.data_ptr<acc_t>();
   const bool wino = use_winograd(s, xc, weights[0].to(acc));
   const Params<acc_t> prm = pack_params<acc_t>(s, weights, biases, wino);
@@ -502,11 +503,8 @@ void mlpconv_forward_impl(const MlpconvShape& s, const at::Tensor& x, at::Tensor
         int64_t q = q0;
         while (q < q1) {
           const int64_t n = q / HW, r0 = q % HW, r1 = std::min(HW, r0 + (q1 - q));
-          for (int64_t c = 0; c < Cout; ++c) {
-            scalar_t* dst = op + (n * Cout + c) * HW;
-            const acc_t* src = a + (q - q0) * Cout + c;
-            for (int64_t r = r0; r < r1; ++r) dst[r] = static_cast<scalar_t>(src[(r - r0) * Cout]);
-          }
+          fastnin::cpu::transpose<acc_t, scalar_t>(a + (q - q0) * Cout, Cout, op + n * Cout * HW + r0, HW, r1 - r0,
+                                                   Cout);
           q += r1 - r0;
         }
       }
@@ -571,18 +569,17 @@ void mlpconv_backward_impl(const MlpconvShape& s, const at::Tensor& grad_out, co
   // P is needed to recompute stage 0, and for gW_0.
   const bool need_P = n_recompute > 0 || need_w;
 
-  const at::Tensor xc = x.to(acc).contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor xc = fastnin::cpu::nhwc<acc_t>(x);
   const acc_t* xp = xc.data_ptr<acc_t>();
   // grad_out as [N*HW, Cout] rows (or [N, Cout] for gap), compute type
-  const at::Tensor go =
-      gap ? grad_out.to(acc).contiguous() : grad_out.to(acc).contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor go = gap ? grad_out.to(acc).contiguous() : fastnin::cpu::nhwc<acc_t>(grad_out);
   const acc_t* gop = go.data_ptr<acc_t>();
   const bool wino = use_winograd(s, xc, weights[0].to(acc), go);
   const Params<acc_t> prm = pack_params<acc_t>(s, weights, biases, wino);
   at::Tensor oc;
   const acc_t* outp = nullptr;
   if (use_out) {
-    oc = out.to(acc).contiguous(at::MemoryFormat::ChannelsLast);
+    oc = fastnin::cpu::nhwc<acc_t>(out);
     outp = oc.data_ptr<acc_t>();
   }
 
@@ -749,7 +746,11 @@ void mlpconv_backward_impl(const MlpconvShape& s, const at::Tensor& grad_out, co
   }
   if (need_x && !gx_direct) {
     if (!shared_gx) sum_chunks(gx_acc.data_ptr<acc_t>(), nchunks, xnumel);
-    grad_x.copy_(gx_acc[0].view({N, s.H, s.W, Cin}).permute({0, 3, 1, 2}));
+    if (grad_x.is_contiguous()) {
+      fastnin::cpu::store_nchw<acc_t>(gx_acc.data_ptr<acc_t>(), grad_x);
+    } else {
+      grad_x.copy_(gx_acc[0].view({N, s.H, s.W, Cin}).permute({0, 3, 1, 2}));
+    }
   }
 }
 
