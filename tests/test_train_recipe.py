@@ -25,6 +25,19 @@ def _args(out=None, model="nin_cifar10", epochs=2, limit=32, batch=16, *extra):
     return train_args(out, model, epochs, limit, batch, *extra)
 
 
+def _record_lrs(monkeypatch, optimizer_cls):
+    """A list that receives every param group's lr at each step of optimizer_cls."""
+    seen = []
+    real_step = optimizer_cls.step
+
+    def recording_step(self, *args, **kwargs):
+        seen.append([g["lr"] for g in self.param_groups])
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(optimizer_cls, "step", recording_step)
+    return seen
+
+
 # ------------------------------------------------------------------------------------------------
 # The schedule
 
@@ -50,14 +63,7 @@ def test_lr_factor_constant_no_warmup_and_fractional_warmup():
 
 def test_run_uses_the_schedule_and_the_head_lr(monkeypatch):
     # Record every param group's lr at each Adam step of a 2-epoch, 2-steps-per-epoch NiN run.
-    seen = []
-    real_step = torch.optim.Adam.step
-
-    def recording_step(self, *args, **kwargs):
-        seen.append([g["lr"] for g in self.param_groups])
-        return real_step(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
+    seen = _record_lrs(monkeypatch, torch.optim.Adam)
     s = run(_args(None, "nin_cifar10", 2, 32, 16, "--lr", "0.002", "--warmup", "0.5", "--head-lr-scale", "0.1"))
     assert (s["lr_schedule"], s["warmup_epochs"], s["head_lr_scale"], s["init"]) == ("cosine", 0.5, 0.1,
                                                                                        "kaiming-head")
@@ -70,20 +76,10 @@ def test_run_uses_the_schedule_and_the_head_lr(monkeypatch):
 
 def test_model_with_a_linear_head_has_one_group_and_xavier(monkeypatch):
     # LeNet's logits come out of a Linear: --init auto stays xavier, no head group, head scale 1.
-    seen = []
-    real_step = torch.optim.SGD.step
-
-    def recording_step(self, *args, **kwargs):
-        seen.append([g["lr"] for g in self.param_groups])
-        return real_step(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.optim.SGD, "step", recording_step)
+    seen = _record_lrs(monkeypatch, torch.optim.SGD)
     s = run(_args(None, "lenet", 1, 32, 16, "--optimizer", "sgd", "--lr-schedule", "constant", "--warmup", "0"))
     assert (s["init"], s["head_lr_scale"], s["lr_schedule"]) == ("xavier", 1.0, "constant")
-    assert seen == [[DEFAULT_SGD_LR], [DEFAULT_SGD_LR]]
-
-
-DEFAULT_SGD_LR = L.DEFAULT_LR["sgd"]
+    assert seen == [[L.DEFAULT_LR["sgd"]], [L.DEFAULT_LR["sgd"]]]
 
 
 # ------------------------------------------------------------------------------------------------
