@@ -423,14 +423,15 @@ class Winograd {
     // ~1150 page faults (CIFAR block 3 backward 10.4-10.8 -> 9.9-10.2 ms). One Winograd object per
     // thread at a time (one per mlpconv call): the next one may reuse the storage.
     T* up = nullptr;
+    bool hit = false;
     const int64_t wn = w.numel();
     if (w.is_non_overlapping_and_dense() && (wn + Kw_ * K1_) * static_cast<int64_t>(sizeof(T)) <= kKeepBytes) {
-      up = cached(std::vector<int64_t>{s.kh, s.kw, C_, K1_, sk, sc, sy, sx}, wp, wn);
-      if (up == nullptr) return;  // U_ is an entry's, already transformed
+      up = cached(std::vector<int64_t>{s.kh, s.kw, C_, K1_, sk, sc, sy, sx}, wp, wn, hit);
     } else {
       up = buf(u_own_, Kw_ * K1_);
     }
     U_ = up;
+    if (hit) return;  // already transformed
     const int64_t K1 = K1_;
     at::parallel_for(0, nb_ * C_, 1, [&](int64_t rb, int64_t re) {
       const T zero = T(0);  // a tap outside the kernel (stride 0)
@@ -459,16 +460,16 @@ class Winograd {
   int64_t u_size() const { return Kw_ * K1_; }
 
  private:
-  // Points U_ at the cache entry for (key, the wn elements at wp) and returns null when there is
-  // one; else makes that entry (evicting as needed) and returns its U, to be filled.
-  T* cached(std::vector<int64_t> key, const T* wp, int64_t wn) {
+  // The U of the cache entry for (key, the wn elements at wp), hit = true; else of a new entry
+  // (evicting as needed), to be filled, hit = false.
+  T* cached(std::vector<int64_t> key, const T* wp, int64_t wn, bool& hit) {
     auto& cache = u_cache<T>();
     for (auto it = cache.begin(); it != cache.end(); ++it) {
       if (it->key == key && static_cast<int64_t>(it->w.size()) == wn &&
           std::memcmp(it->w.data(), wp, wn * sizeof(T)) == 0) {
         cache.splice(cache.begin(), cache, it);
-        U_ = cache.front().U.data();
-        return nullptr;
+        hit = true;
+        return cache.front().U.data();
       }
     }
     const int64_t need = (wn + Kw_ * K1_) * static_cast<int64_t>(sizeof(T));
