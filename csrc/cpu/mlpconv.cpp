@@ -15,12 +15,12 @@
 // it is the fallback. ATen's cpublas::gemm_stub cannot be called from an extension (its
 // DispatchStub lookup is not exported), and the oneDNN ukernel (cpublas::brgemm) measured no
 // faster than MKL here. Nor, where it counts, did a hand-written AVX-512 micro-kernel (14x32
-// register block, the weight packed once per call): alone it beat MKL on the Winograd backward's
-// products by 4-16% (NT 201-207 vs 177-185 GF/s, TN 185-202 vs 171-192; the forward's NN level at
+// register block, U^T packed once per weight): alone it beat MKL on the Winograd backward's
+// products by 3-16% (NT 197-208 vs 173-190 GF/s, TN 183-202 vs 160-192; the forward's NN level at
 // ~200), but inside the CIFAR block 2 backward both ran at 155-162 GF/s (dU 158 vs 156, dA 162
 // vs 154, 1 thread) and the whole backward within noise (99-105 vs 101-106 ms). The products lose
 // ~20% in place for every GEMM alike: operands written by the transforms and a weight that
-// comes from L3 (alone, rotating the weight over 16 copies cost 8-10%); transparent huge pages
+// comes from L3 (alone, rotating the weight over 16 copies cost 3-9%); transparent huge pages
 // (THP "always") changed nothing, so it is not the TLB.
 //
 // Measured on the 2-core Xeon (Sapphire Rapids, AVX-512, 214 GF/s/core fp32 FMA peak) this was
