@@ -398,12 +398,12 @@ Params<acc_t> pack_params(const MlpconvShape& s, at::TensorList weights,
   Params<acc_t> p;
   p.S = s.stages();
   for (int64_t i = 0; i < p.S; ++i) {
-    // [C, Cin, kh, kw] -> [C, kh, kw, Cin]: the im2col order
-    at::Tensor w = weights[i].to(acc).permute({0, 2, 3, 1});
-    const int64_t C = w.size(0), Kin = w.size(1) * w.size(2) * w.size(3);
+    const at::Tensor& wi = weights[i];
+    const int64_t C = wi.size(0), Kin = wi.size(1) * wi.size(2) * wi.size(3);
     p.Kin.push_back(Kin);
-    const bool skip = skip_first && i == 0;  // stage 0 runs through Winograd
-    p.W.push_back(skip ? at::Tensor() : w.contiguous().view({C, Kin}));
+    const bool skip = skip_first && i == 0;  // stage 0 runs through Winograd: no copy of it here
+    // [C, Cin, kh, kw] -> [C, kh, kw, Cin]: the im2col order
+    p.W.push_back(skip ? at::Tensor() : wi.to(acc).permute({0, 2, 3, 1}).contiguous().view({C, Kin}));
     const std::optional<at::Tensor> b = biases[i];
     p.b.push_back(b.has_value() && b->defined() ? b->to(acc).contiguous() : at::Tensor());
   }
@@ -435,12 +435,13 @@ void mlpconv_forward_impl(const MlpconvShape& s, const at::Tensor& x, at::Tensor
 
   const at::Tensor xc = fastnin::cpu::nhwc<acc_t>(x);
   const acc_t* xp = xc.data_ptr<acc_t>();
-  const bool wino = use_winograd(s, xc, weights[0].to(acc));
+  const at::Tensor w0 = weights[0].to(acc);  // once, for the finite check and the Winograd transform
+  const bool wino = use_winograd(s, xc, w0);
   const Params<acc_t> prm = pack_params<acc_t>(s, weights, biases, wino);
 
   const Tiling tl = make_tiling(s, sizeof(acc_t), wino);
   std::optional<Winograd<acc_t>> winop;
-  if (wino) winop.emplace(s, weights[0], wino_tmax(s, tl));
+  if (wino) winop.emplace(s, w0, wino_tmax(s, tl));
   const bool out_nhwc = !gap && out.is_contiguous(at::MemoryFormat::ChannelsLast);
   // Writing the last stage straight into the output saves a copy when it has the compute type.
   const bool direct = out_nhwc && std::is_same_v<scalar_t, acc_t>;
@@ -581,7 +582,8 @@ void mlpconv_backward_impl(const MlpconvShape& s, const at::Tensor& grad_out, co
   // grad_out as [N*HW, Cout] rows (or [N, Cout] for gap), compute type
   const at::Tensor go = gap ? grad_out.to(acc).contiguous() : fastnin::cpu::nhwc<acc_t>(grad_out);
   const acc_t* gop = go.data_ptr<acc_t>();
-  const bool wino = use_winograd(s, xc, weights[0].to(acc), go);
+  const at::Tensor w0 = weights[0].to(acc);  // once, for the finite check and the Winograd transform
+  const bool wino = use_winograd(s, xc, w0, go);
   const Params<acc_t> prm = pack_params<acc_t>(s, weights, biases, wino);
   at::Tensor oc;
   const acc_t* outp = nullptr;
@@ -592,7 +594,7 @@ void mlpconv_backward_impl(const MlpconvShape& s, const at::Tensor& grad_out, co
 
   const Tiling tl = make_tiling(s, sizeof(acc_t), wino);
   std::optional<Winograd<acc_t>> winop;
-  if (wino) winop.emplace(s, weights[0], wino_tmax(s, tl));
+  if (wino) winop.emplace(s, w0, wino_tmax(s, tl));
   const int64_t nchunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tl.ntiles));
   // One chunk of consecutive tiles per thread. grad_x can be shared by all chunks when no image
   // is split between two chunks (tiles of whole images, or chunk boundaries on image
