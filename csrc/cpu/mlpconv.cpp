@@ -21,7 +21,13 @@
 // vs 154, 1 thread) and the whole backward within noise (99-105 vs 101-106 ms). The products lose
 // ~20% in place for every GEMM alike: operands written by the transforms and a weight that
 // comes from L3 (alone, rotating the weight over 16 copies cost 3-9%); transparent huge pages
-// (THP "always") changed nothing, so it is not the TLB.
+// (THP "always") changed nothing, so it is not the TLB. MKL repacks the weight operand on every
+// call (~11% of block 2's fwd+bwd is MKL's packing, by perf); its packed API (cblas_sgemm_pack once
+// per transformed weight, cblas_sgemm_compute per item; exported by libtorch_cpu, bitwise the same
+// results) was prototyped for the Winograd products U_e and U_e^T: forward +5% / +1.2-1.3%, fwd+bwd
+// +2.4% / +1.3-1.9% at 1 / 2 threads (block 2, both variants interleaved in one process), for 8-20 MB of
+// address space per packed matrix (MKL's pack_get_size; only ~the matrix's bytes are touched).
+// Not kept: too little for a second copy of every cached weight.
 //
 // Measured on the 2-core Xeon (Sapphire Rapids, AVX-512, 214 GF/s/core fp32 FMA peak) this was
 // written on: MKL sgemm reaches 135-175 GF/s per core on the tile shapes (T = 64..512 rows,
