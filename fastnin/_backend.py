@@ -33,8 +33,27 @@ def _check_name(name: str) -> str:
 
 _default = _check_name(os.environ.get("FASTNIN_BACKEND", "auto").strip() or "auto")
 # A ContextVar, not a global, so that use_backend() in one thread does not change another's;
-# torch.compile guards on its value.
+# torch.compile (torch >= 2.14) guards on its value.
 _override: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastnin_backend", default=None)
+
+
+def _torch_at_least(major: int, minor: int) -> bool:
+    try:
+        return tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (major, minor)
+    except ValueError:  # an unparsable local version: assume a recent torch
+        return True
+
+
+def _override_now() -> str | None:
+    return _override.get()
+
+
+if not _torch_at_least(2, 14):
+    # Dynamo before torch 2.14 cannot trace ContextVar.get (torch.compile(fullgraph=True) of any
+    # fastnin module failed with "Unsupported method call ... ContextVar", seen on 2.13). There the
+    # override is read once while tracing and taken as a constant: a compiled function keeps the
+    # use_backend() it was compiled under (set_backend(), a plain global, is still guarded on).
+    _override_now = torch._dynamo.assume_constant_result(_override_now)
 
 
 def set_backend(name: str) -> None:
@@ -45,7 +64,7 @@ def set_backend(name: str) -> None:
 
 def get_backend() -> str:
     """The backend in force here: use_backend()'s if inside one, else set_backend()'s."""
-    return _override.get() or _default
+    return _override_now() or _default
 
 
 @contextlib.contextmanager

@@ -34,3 +34,49 @@ def test_compile_fullgraph_matches_eager(backend_device):
     (gx,) = torch.autograd.grad(out.sum(), x)
     torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(gx, gx_eager, rtol=1e-5, atol=1e-5)
+
+
+def _graph_ops(graphs):
+    def capture(gm, example_inputs):
+        graphs.append({str(n.target) for n in gm.graph.nodes if n.op == "call_function"})
+        return gm.forward
+
+    return capture
+
+
+def _traced_fastnin_op(ops):
+    return any(name.startswith("fastnin.") for name in ops)
+
+
+def test_compiled_function_follows_the_backend_in_force():
+    # Each graph torch.compile captures shows what it traced: fastnin's op ("cpu") or the plain
+    # torch composition ("torch"). A backend changed after compiling must take effect: a guard
+    # fails and the function is traced again. set_backend() is a plain global, guarded on every
+    # torch; use_backend() is a ContextVar, which Dynamo guards on from torch 2.14 and before
+    # that reads once while tracing (see fastnin/_backend.py).
+    x = torch.randn(2, 3, 4, 4)
+    before = fastnin.get_backend()
+    try:
+        graphs = []
+        torch._dynamo.reset()
+        fastnin.set_backend("cpu")
+        f = torch.compile(fastnin.global_avg_pool2d, backend=_graph_ops(graphs), fullgraph=True)
+        torch.testing.assert_close(f(x), x.mean((2, 3)))
+        fastnin.set_backend("torch")
+        torch.testing.assert_close(f(x), x.mean((2, 3)))
+        assert [_traced_fastnin_op(g) for g in graphs] == [True, False]
+
+        graphs.clear()
+        torch._dynamo.reset()
+        fastnin.set_backend("cpu")
+        f = torch.compile(fastnin.global_avg_pool2d, backend=_graph_ops(graphs), fullgraph=True)
+        f(x)
+        with fastnin.use_backend("torch"):
+            torch.testing.assert_close(f(x), x.mean((2, 3)))
+        if fastnin._backend._torch_at_least(2, 14):
+            assert [_traced_fastnin_op(g) for g in graphs] == [True, False]
+        else:  # the documented limitation: compiled under "cpu", it stays so
+            assert [_traced_fastnin_op(g) for g in graphs] == [True]
+    finally:
+        fastnin.set_backend(before)
+        torch._dynamo.reset()
