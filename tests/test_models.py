@@ -429,6 +429,26 @@ def test_nin_autocast_bf16():
     assert w.grad is not None and w.grad.dtype == torch.float32 and torch.isfinite(w.grad).all()
 
 
+def test_nin_inference_mode_and_torch_export():
+    """Deployment paths: under torch.inference_mode the output is the twin's, and torch.export
+    captures the fused ops as fastnin ops (their fake kernels give the shapes) whose exported
+    module, run again, gives the same output. Exported in train mode too (dropout, autograd)."""
+    ours, twin = make_pair("nin")
+    ours.eval()
+    twin.eval()
+    x = torch.randn(2, 1, 67, 67)
+    with torch.inference_mode():
+        yo, yt = ours(x), twin(x)
+    assert_rel(yo, yt, "inference_mode output")
+    ep = torch.export.export(ours, (x,))
+    traced = [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
+    assert sum(t.startswith("fastnin.mlpconv") for t in traced) == 4, traced
+    assert not any("convolution" in t for t in traced), traced
+    torch.testing.assert_close(ep.module()(x), yo, rtol=0, atol=0)
+    ours.train()
+    torch.export.export(ours, (x.clone().requires_grad_(),))
+
+
 def test_nin_deepcopy_and_save_load():
     ours, _ = make_pair("nin")
     ours.eval()
