@@ -371,6 +371,21 @@ def _list_grads(needs, grads):
     return [g if n else None for g, n in zip(grads, needs)]
 
 
+def _refuse_double_backward(backward_op, name: str) -> None:
+    """Make differentiating through `backward_op` (a double backward: create_graph=True, then a
+    backward through the gradients) raise instead of what torch does for an op without autograd,
+    which is to warn and treat it as a constant, i.e. return wrong second derivatives silently.
+    A first backward with create_graph=True still works; only using its graph raises."""
+
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"fastnin.{name}: double backward (differentiating its gradients, e.g. a gradient "
+            "penalty) is not supported; use the plain torch layers there (fastnin backend 'torch')"
+        )
+
+    torch.library.register_autograd(backward_op, backward, setup_context=lambda ctx, inputs, output: None)
+
+
 def register_mlpconv_autograd(ns) -> None:
     def setup_context(ctx, inputs, output):
         x, weights, biases, stride, padding, gap = inputs
@@ -403,6 +418,7 @@ def register_mlpconv_autograd(ns) -> None:
         return grads[: len(ctx.needs_input_grad)]
 
     torch.library.register_autograd(ns.mlpconv.default, backward, setup_context=setup_context)
+    _refuse_double_backward(ns.mlpconv_backward.default, "mlpconv")
 
 
 def register_lrn_autograd(ns) -> None:
@@ -418,6 +434,7 @@ def register_lrn_autograd(ns) -> None:
         return ns.lrn_backward(grad_out, x, *ctx.args), None, None, None, None
 
     torch.library.register_autograd(ns.lrn.default, backward, setup_context=setup_context)
+    _refuse_double_backward(ns.lrn_backward.default, "local_response_norm")
 
 
 def register_gap_autograd(ns) -> None:
@@ -430,6 +447,16 @@ def register_gap_autograd(ns) -> None:
         return ns.gap_backward(grad_out, ctx.input_size, ctx.channels_last)
 
     torch.library.register_autograd(ns.gap.default, backward, setup_context=setup_context)
+
+    # gap_backward is linear in grad_out (grad_out[n, c] / (H * W) at every pixel): its own
+    # gradient is the mean over H and W of the incoming one, i.e. gap again. So GAP is
+    # differentiable to any order (gradient penalties through a network's head).
+    def backward_of_backward(ctx, grad_grad_x):
+        return ns.gap(grad_grad_x), None, None
+
+    torch.library.register_autograd(
+        ns.gap_backward.default, backward_of_backward, setup_context=lambda ctx, inputs, output: None
+    )
 
 
 # ----------------------------------------------------------------------------------------------

@@ -191,6 +191,27 @@ def test_gradcheck(backend_device, layout):
     assert torch.autograd.gradcheck(fastnin.ops.global_avg_pool2d, (x,), eps=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_gradgradcheck(backend_device, layout):
+    # GAP's backward is linear (its own gradient is GAP again): second derivatives, through a
+    # network's head in a gradient penalty, are exact.
+    _, device = backend_device
+    x = make_layout(make_x((2, 3, 4, 5), device, torch.float64), layout).requires_grad_()
+    assert torch.autograd.gradgradcheck(fastnin.ops.global_avg_pool2d, (x,), eps=1e-6, atol=1e-7)
+
+    def penalty(x):  # the square makes the gradient depend on x
+        (g,) = torch.autograd.grad(fastnin.ops.global_avg_pool2d(x).square().sum(), x, create_graph=True)
+        return g.square().sum()
+
+    def penalty_ref(x):
+        (g,) = torch.autograd.grad(x.mean((2, 3)).square().sum(), x, create_graph=True)
+        return g.square().sum()
+
+    (got,) = torch.autograd.grad(penalty(x), x)
+    (want,) = torch.autograd.grad(penalty_ref(x), x)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-15)
+
+
 def test_opcheck(backend_device):
     backend, device = backend_device
     if backend != "cpu" and backend != "cuda":

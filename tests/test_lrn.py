@@ -266,6 +266,22 @@ def test_gradcheck(backend_device, layout, size):
     assert torch.autograd.gradcheck(f, (x,), eps=1e-6, atol=1e-7)
 
 
+def test_double_backward_raises(backend_device):
+    # As for mlpconv: a backward through the gradients raises instead of silently treating
+    # lrn_backward as a constant; the first backward under create_graph=True is unchanged.
+    _, device = backend_device
+    x = make_x((2, 4, 3, 2), device, torch.float64).requires_grad_()
+
+    def loss():
+        return fastnin.ops.local_response_norm(x, 3, ALPHA, BETA, K).square().sum()
+
+    (first,) = torch.autograd.grad(loss(), x)
+    (gx,) = torch.autograd.grad(loss(), x, create_graph=True)
+    torch.testing.assert_close(gx, first, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="fastnin.local_response_norm: double backward"):
+        gx.square().sum().backward()
+
+
 def test_opcheck(backend_device):
     backend, device = backend_device
     if backend != "cpu" and backend != "cuda":

@@ -586,6 +586,27 @@ def test_gradcheck(backend_device, gap, bias):
 
 
 @pytest.mark.parametrize("gap", [False, True], ids=["map", "gap"])
+def test_double_backward_raises(backend_device, gap):
+    # Differentiating the gradients (create_graph=True, then a backward through them) is not
+    # supported: it must raise, not return torch's constant-op fallback (wrong second derivatives
+    # with only a warning). The first backward under create_graph=True is still the right one.
+    _, device = backend_device
+    x = make_x(1, 2, 5, 4, device, torch.float64).requires_grad_()
+    ws, bs = make_params(2, [3, 2], (3, 3), device, torch.float64)
+    ws = [w.requires_grad_() for w in ws]
+
+    def loss():
+        return fastnin.ops.mlpconv(x, ws, bs, 1, 1, gap=gap).square().sum()
+
+    first = torch.autograd.grad(loss(), [x, *ws])
+    gx, *gws = torch.autograd.grad(loss(), [x, *ws], create_graph=True)
+    for a, b in zip([gx, *gws], first):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="fastnin.mlpconv: double backward"):
+        (gx.square().sum() + gws[0].sum()).backward()
+
+
+@pytest.mark.parametrize("gap", [False, True], ids=["map", "gap"])
 def test_opcheck(backend_device, gap):
     backend, device = backend_device
     if backend != "cpu" and backend != "cuda":
