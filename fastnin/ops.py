@@ -33,6 +33,10 @@ _FLOATING = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 def _check_tensor(t, op: str, name: str) -> None:
     if not isinstance(t, Tensor):
         raise ValueError(f"{op}: {name} must be a Tensor, got {type(t).__name__}")
+    # Sparse and other layouts have no kernels here (the raw ops' dispatcher would say only that
+    # no kernel exists for, e.g., SparseCPU).
+    if t.layout != torch.strided:
+        raise ValueError(f"{op}: {name} must be a dense (strided) tensor, got layout {t.layout}")
 
 
 def _check_floating(t: Tensor, op: str, name: str) -> None:
@@ -258,13 +262,20 @@ def _fill_missing_biases(biases: list, weights: list) -> list:
     return [b if b is not None else w.new_zeros(w.shape[0]) for b, w in zip(biases, weights)]
 
 
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type autocast does not know (meta: shape inference) has none
+        return False
+
+
 def _autocast_mlpconv_args(x, weights, biases):
     """Under torch.autocast, cast mlpconv's floating inputs to the autocast dtype, as autocast casts
     those of the convolutions mlpconv replaces. A custom op is not cast by autocast itself: without
     this, a float32 model under autocast would run mlpconv in float32, and a bfloat16 activation
     would meet float32 weights. float64 stays float64 (autocast leaves it alone too). The casts are
     differentiable: float32 parameters get float32 gradients."""
-    if not isinstance(x, Tensor) or not torch.is_autocast_enabled(x.device.type):
+    if not isinstance(x, Tensor) or not _autocast_enabled(x.device.type):
         return x, weights, biases
     if isinstance(weights, Tensor) or not isinstance(weights, Sequence):
         return x, weights, biases  # check_mlpconv_args reports it

@@ -207,6 +207,11 @@ _mlpconv_change("w2-float64", r"weights\[2\] has dtype (torch.float64|Double) bu
                 lambda c, a: _set(a, weights=_ws(a, 2, a["weights"][2].double())))
 _mlpconv_change("b0-float16", r"biases\[0\] has dtype (torch.float16|Half)",
                 lambda c, a: _set(a, biases=_bs(a, 0, a["biases"][0].half())))
+# layouts other than strided (the functional API: the raw ops have no sparse kernels to reach)
+_mlpconv_change("x-sparse", r"mlpconv: x must be a dense \(strided\) tensor",
+                lambda c, a: _set(a, x=a["x"].to_sparse()), vias=("ops",))
+_mlpconv_change("w0-sparse", r"mlpconv: weights\[0\] must be a dense \(strided\) tensor",
+                lambda c, a: _set(a, weights=_ws(a, 0, a["weights"][0].to_sparse())), vias=("ops",))
 # devices
 _mlpconv_change("w0-other-device", r"weights\[0\] is on (meta|cpu) but x is on",
                 lambda c, a: _set(a, weights=_ws(a, 0, a["weights"][0].to(c.other))))
@@ -268,6 +273,8 @@ _lrn_change("x-1d", r"lrn: x must have at least 3 dimensions", lambda c, a: _set
 for _dt in ("int32", "int64", "uint8", "bool"):
     _lrn_change(f"x-{_dt}", r"lrn: x must be a floating-point tensor",
                 lambda c, a, dt=_dt: _set(a, x=a["x"].to(getattr(_t(), dt))))
+_lrn_change("x-sparse", r"lrn: x must be a dense \(strided\) tensor", lambda c, a: _set(a, x=a["x"].to_sparse()),
+            vias=("ops",))
 _lrn_change("size-0", r"lrn: size must be >= 1, got 0", lambda c, a: _set(a, size=0))
 _lrn_change("size-negative", r"lrn: size must be >= 1, got -3", lambda c, a: _set(a, size=-3))
 
@@ -302,6 +309,8 @@ _gap_change("x-5d", r"gap: x must be a 4-D tensor", lambda c, a: _set(a, x=a["x"
 for _dt in ("int32", "int64", "uint8", "bool"):
     _gap_change(f"x-{_dt}", r"gap: x must be a floating-point tensor",
                 lambda c, a, dt=_dt: _set(a, x=a["x"].to(getattr(_t(), dt))))
+_gap_change("x-sparse", r"gap: x must be a dense \(strided\) tensor", lambda c, a: _set(a, x=a["x"].to_sparse()),
+            vias=("ops",))
 _gap_change("x-0-rows", r"gap: x must have a non-empty spatial size, got 0x4", lambda c, a: _set(a, x=a["x"][:, :, :0]))
 _gap_change("x-0-cols", r"gap: x must have a non-empty spatial size, got 4x0",
             lambda c, a: _set(a, x=a["x"][:, :, :, :0]))

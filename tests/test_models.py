@@ -449,6 +449,21 @@ def test_nin_inference_mode_and_torch_export():
     torch.export.export(ours, (x.clone().requires_grad_(),))
 
 
+def test_nin_on_meta_device():
+    """Deferred initialisation: built on the meta device, the model infers its output shape
+    without data (mlpconv there once failed in its autocast check: meta has no autocast), then
+    to_empty + load_state_dict gives a working model."""
+    ours, _ = make_pair("nin")
+    ours.eval()
+    with torch.device("meta"):
+        lazy = fastnin.models.get("nin")
+    y = lazy(torch.empty(2, 1, 67, 67, device="meta"))
+    assert y.shape == (2, 10) and y.device.type == "meta"
+    lazy.to_empty(device="cpu").load_state_dict(ours.state_dict())
+    x = torch.randn(2, 1, 67, 67)
+    torch.testing.assert_close(lazy.eval()(x), ours(x), rtol=0, atol=0)
+
+
 def test_nin_deepcopy_and_save_load():
     ours, _ = make_pair("nin")
     ours.eval()
