@@ -522,6 +522,46 @@ def test_deterministic(backend_device):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("conv", ["winograd", "im2col"])
+def test_cpu_concurrent_python_threads(monkeypatch, conv):
+    """Python threads calling mlpconv at once (an inference server, a DataLoader-side model): each
+    gets exactly what it gets alone. The CPU kernels keep per-thread state (the transformed
+    Winograd weights, scratch buffers), which must never be shared between threads."""
+    import threading
+
+    monkeypatch.setenv("FASTNIN_CPU_CONV", conv)
+    jobs = []
+    for i in range(4):  # 4x16x16 outputs of a 16-channel 3x3 stage: the Winograd path's domain
+        x = make_layout(make_x(4, 16, 16, 16, "cpu", seed=i), "channels_last")
+        ws, bs = make_params(16, [32, 24], (3, 3), "cpu", seed=10 + i)
+        jobs.append((x, ws, bs))
+
+    def run(job):
+        x, ws, bs = (leaf(job[0]), [leaf(w) for w in job[1]], [leaf(b) for b in job[2]])
+        out = fastnin.ops.mlpconv(x, ws, bs, 1, 1)
+        return [out.detach(), *grads_of(out, [x, *ws, *bs], torch.ones_like(out))]
+
+    alone = [run(job) for job in jobs]
+    mismatches, errors = [], []
+
+    def worker(k):
+        try:
+            for rep in range(6):
+                i = (k + rep) % len(jobs)
+                if not all(torch.equal(a, b) for a, b in zip(run(jobs[i]), alone[i])):
+                    mismatches.append((k, rep, i))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert not mismatches, mismatches
+
+
 def test_nan_inf_propagation(backend_device):
     """NaN and Inf in x propagate as in the torch composition (relu keeps NaN)."""
     _, device = backend_device
