@@ -382,16 +382,44 @@ def _list_grads(needs, grads):
     return [g if n else None for g, n in zip(grads, needs)]
 
 
-def _refuse_double_backward(backward_op, name: str) -> None:
-    """Make differentiating through `backward_op` (a double backward: create_graph=True, then a
-    backward through the gradients) raise instead of what torch does for an op without autograd,
-    which is to warn and treat it as a constant, i.e. return wrong second derivatives silently.
-    A first backward with create_graph=True still works; only using its graph raises."""
+def _as_flags(needs, n: int) -> list[bool]:
+    """ctx.needs_input_grad's entry for a list argument (a bool, or one per element) as n bools."""
+    if isinstance(needs, (list, tuple)):
+        return [bool(v) for v in needs]
+    return [bool(needs)] * n
+
+
+def _reference_grads(compute, tensors: list, needs: list[bool], grad_out: Tensor) -> list:
+    """The gradients of compute() (the plain torch composition of the saved inputs) for the
+    tensors whose flag is set, themselves differentiable (create_graph=True).
+
+    Why: a backward run with create_graph=True (a gradient penalty, higher-order derivatives) must
+    return gradients that autograd can differentiate again, and the fused backward kernels have no
+    derivative of their own. There the gradients are computed by differentiating the plain torch
+    composition instead, at eager speed, from the saved inputs, which carry their graph. Ordinary
+    backwards (create_graph=False, and torch.compile's traced backward) run with grad mode off and
+    never come here."""
+    wanted = [t for t, n in zip(tensors, needs) if n]
+    with torch.enable_grad():
+        out = compute()
+    got = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=True, allow_unused=True))
+    grads = []
+    for t, n in zip(tensors, needs):
+        g = next(got) if n else None
+        grads.append(torch.zeros_like(t) if n and g is None else g)
+    return grads
+
+
+def _refuse_double_backward(backward_op, op: str, public: str) -> None:
+    """Make differentiating through the raw backward op raise instead of what torch does for an op
+    without autograd, which is to warn and treat it as a constant, i.e. return wrong second
+    derivatives silently. (Through fastnin.ops.*, a create_graph=True backward never calls the raw
+    backward op: see _reference_grads.)"""
 
     def backward(ctx, *grads):
         raise RuntimeError(
-            f"fastnin.{name}: double backward (differentiating its gradients, e.g. a gradient "
-            "penalty) is not supported; use the plain torch layers there (fastnin backend 'torch')"
+            f"fastnin: {op}_backward has no derivative of its own; differentiate fastnin.ops.{public} "
+            "with create_graph=True instead, whose gradients are differentiable"
         )
 
     torch.library.register_autograd(backward_op, backward, setup_context=lambda ctx, inputs, output: None)
@@ -412,6 +440,16 @@ def register_mlpconv_autograd(ns) -> None:
         it = iter(params[ctx.nstages :])
         biases = [next(it) if h else None for h in ctx.has_bias]
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():  # create_graph=True: differentiable gradients
+            S = len(weights)
+            needs = [bool(need_x), *_as_flags(need_w, S)]
+            needs += [n and b is not None for n, b in zip(_as_flags(need_b, S), biases)]
+            g = _reference_grads(
+                lambda: reference.mlpconv(x, weights, biases, ctx.stride, ctx.padding, ctx.gap),
+                [x, *weights, *biases], needs, grad_out,
+            )
+            grads = (g[0], g[1 : S + 1] if any(needs[1 : S + 1]) else None, g[S + 1 :] if any(needs[S + 1 :]) else None)
+            return (*grads, None, None, None)[: len(ctx.needs_input_grad)]
         mask = [bool(need_x), bool(need_w), bool(need_b)]
         gx, gws, gbs = ns.mlpconv_backward(
             grad_out, x, weights, biases, out, ctx.stride, ctx.padding, ctx.gap, mask
@@ -429,7 +467,7 @@ def register_mlpconv_autograd(ns) -> None:
         return grads[: len(ctx.needs_input_grad)]
 
     torch.library.register_autograd(ns.mlpconv.default, backward, setup_context=setup_context)
-    _refuse_double_backward(ns.mlpconv_backward.default, "mlpconv")
+    _refuse_double_backward(ns.mlpconv_backward.default, "mlpconv", "mlpconv")
 
 
 def register_lrn_autograd(ns) -> None:
@@ -442,10 +480,13 @@ def register_lrn_autograd(ns) -> None:
         (x,) = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return None, None, None, None, None
+        if torch.is_grad_enabled():  # create_graph=True: differentiable gradients
+            (gx,) = _reference_grads(lambda: reference.local_response_norm(x, *ctx.args), [x], [True], grad_out)
+            return gx, None, None, None, None
         return ns.lrn_backward(grad_out, x, *ctx.args), None, None, None, None
 
     torch.library.register_autograd(ns.lrn.default, backward, setup_context=setup_context)
-    _refuse_double_backward(ns.lrn_backward.default, "local_response_norm")
+    _refuse_double_backward(ns.lrn_backward.default, "lrn", "local_response_norm")
 
 
 def register_gap_autograd(ns) -> None:

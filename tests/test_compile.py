@@ -80,3 +80,40 @@ def test_compiled_function_follows_the_backend_in_force():
     finally:
         fastnin.set_backend(before)
         torch._dynamo.reset()
+
+
+def test_compiled_backward_runs_the_fused_kernels():
+    # A backward under create_graph=True differentiates the plain torch composition (the fused
+    # backward kernels have no derivative); torch.compile's traced backward must not take that
+    # path: its graph holds fastnin's backward ops and no convolution.
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = {"fw": [], "bw": []}
+
+    def capture(kind):
+        def compiler(gm, example_inputs):
+            graphs[kind].append({str(n.target) for n in gm.graph.nodes if n.op == "call_function"})
+            return gm.forward
+
+        return compiler
+
+    before = fastnin.get_backend()
+    try:
+        fastnin.set_backend("cpu")
+        torch._dynamo.reset()
+        model = torch.nn.Sequential(
+            fastnin.nn.MLPConv(3, [8, 6], kernel_size=3, padding=1),
+            fastnin.nn.LocalResponseNorm(3),
+            fastnin.nn.GlobalAvgPool2d(),
+        )
+        backend = aot_autograd(fw_compiler=capture("fw"), bw_compiler=capture("bw"))
+        compiled = torch.compile(model, backend=backend, fullgraph=True)
+        x = torch.randn(2, 3, 9, 9, requires_grad=True)
+        compiled(x).sum().backward()
+        (bw,) = graphs["bw"]
+        for op in ("mlpconv", "lrn", "gap"):
+            assert f"fastnin.{op}_backward.default" in bw, bw
+        assert not any("convolution" in t for t in bw), bw
+    finally:
+        fastnin.set_backend(before)
+        torch._dynamo.reset()

@@ -266,19 +266,26 @@ def test_gradcheck(backend_device, layout, size):
     assert torch.autograd.gradcheck(f, (x,), eps=1e-6, atol=1e-7)
 
 
-def test_double_backward_raises(backend_device):
-    # As for mlpconv: a backward through the gradients raises instead of silently treating
-    # lrn_backward as a constant; the first backward under create_graph=True is unchanged.
+def test_double_backward(backend_device):
+    """As for mlpconv: create_graph=True gradients are differentiable (second derivatives equal
+    torch's in float64), and the raw backward op raises when differentiated."""
     _, device = backend_device
-    x = make_x((2, 4, 3, 2), device, torch.float64).requires_grad_()
+    x = make_x((2, 4, 3, 2), device, torch.float64)
 
-    def loss():
-        return fastnin.ops.local_response_norm(x, 3, ALPHA, BETA, K).square().sum()
+    def penalty_grads(f):
+        xl = leaf(x)
+        (g,) = torch.autograd.grad(f(xl).square().sum(), xl, create_graph=True)
+        return g.detach(), torch.autograd.grad(g.square().sum(), xl)[0]
 
-    (first,) = torch.autograd.grad(loss(), x)
-    (gx,) = torch.autograd.grad(loss(), x, create_graph=True)
-    torch.testing.assert_close(gx, first, rtol=0, atol=0)
-    with pytest.raises(RuntimeError, match="fastnin.local_response_norm: double backward"):
+    got = penalty_grads(lambda t: fastnin.ops.local_response_norm(t, 3, ALPHA, BETA, K))
+    want = penalty_grads(lambda t: F.local_response_norm(t, 3, ALPHA, BETA, K))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+    ns = torch.ops.fastnin_triton if backend_device[0] == "triton" else torch.ops.fastnin
+    xl = leaf(x)
+    gx = ns.lrn_backward(torch.ones_like(x), xl, 3, ALPHA, BETA, K)
+    with pytest.raises(RuntimeError, match="lrn_backward has no derivative of its own"):
         gx.square().sum().backward()
 
 

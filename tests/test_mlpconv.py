@@ -626,23 +626,30 @@ def test_gradcheck(backend_device, gap, bias):
 
 
 @pytest.mark.parametrize("gap", [False, True], ids=["map", "gap"])
-def test_double_backward_raises(backend_device, gap):
-    # Differentiating the gradients (create_graph=True, then a backward through them) is not
-    # supported: it must raise, not return torch's constant-op fallback (wrong second derivatives
-    # with only a warning). The first backward under create_graph=True is still the right one.
+def test_double_backward(backend_device, gap):
+    """Gradients taken with create_graph=True are differentiable (a gradient penalty): the second
+    derivatives equal the torch composition's in float64. The raw backward op itself has no
+    derivative: differentiating through it raises instead of torch's warn-and-treat-as-constant."""
     _, device = backend_device
-    x = make_x(1, 2, 5, 4, device, torch.float64).requires_grad_()
+    x = make_x(1, 2, 5, 4, device, torch.float64)
     ws, bs = make_params(2, [3, 2], (3, 3), device, torch.float64)
-    ws = [w.requires_grad_() for w in ws]
 
-    def loss():
-        return fastnin.ops.mlpconv(x, ws, bs, 1, 1, gap=gap).square().sum()
+    def penalty_grads(f):
+        xl, wl, bl = leaf(x), [leaf(w) for w in ws], [leaf(b) for b in bs]
+        first = torch.autograd.grad(f(xl, wl, bl).square().sum(), [xl, *wl, *bl], create_graph=True)
+        penalty = sum(g.square().sum() for g in first)
+        return [g.detach() for g in first], torch.autograd.grad(penalty, [xl, *wl, *bl])
 
-    first = torch.autograd.grad(loss(), [x, *ws])
-    gx, *gws = torch.autograd.grad(loss(), [x, *ws], create_graph=True)
-    for a, b in zip([gx, *gws], first):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
-    with pytest.raises(RuntimeError, match="fastnin.mlpconv: double backward"):
+    first, second = penalty_grads(lambda x, w, b: fastnin.ops.mlpconv(x, w, b, 1, 1, gap=gap))
+    first_ref, second_ref = penalty_grads(lambda x, w, b: reference.mlpconv(x, w, b, (1, 1), (1, 1), gap))
+    for a, b in zip([*first, *second], [*first_ref, *second_ref]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+    ns = torch.ops.fastnin_triton if backend_device[0] == "triton" else torch.ops.fastnin
+    xl, wl = leaf(x), [leaf(w) for w in ws]
+    out = fastnin.ops.mlpconv(x, ws, bs, 1, 1, gap=gap)
+    gx, gws, _ = ns.mlpconv_backward(torch.ones_like(out), xl, wl, bs, None, [1, 1], [1, 1], gap, [True, True, False])
+    with pytest.raises(RuntimeError, match="mlpconv_backward has no derivative of its own"):
         (gx.square().sum() + gws[0].sum()).backward()
 
 
