@@ -550,7 +550,57 @@ def register_fakes(ns_name: str) -> None:
         return torch.empty(input_size, dtype=grad_out.dtype, device=grad_out.device, memory_format=fmt)
 
 
+# ----------------------------------------------------------------------------------------------
+# torch.func.vmap rules. Without them torch runs LRN and GAP once per example (with a warning)
+# and refuses mlpconv outright. An input batched along the vmapped dimension is folded into N:
+# one call over B*N images (B examples of N each). Batched weights (model ensembling:
+# vmap over stacked parameters) are a different problem per example: one call each, stacked.
+# ----------------------------------------------------------------------------------------------
+
+
+def _fold(t: Tensor, bdim: int) -> Tensor:
+    """[..., B (at bdim), ...] with the example dimension N first after B -> [B * N, ...]."""
+    t = t.movedim(bdim, 0)
+    return t.reshape(t.shape[0] * t.shape[1], *t.shape[2:])
+
+
+def _unfold(y: Tensor, batch: int) -> Tensor:
+    return y.reshape(batch, y.shape[0] // batch, *y.shape[1:])
+
+
+def register_vmap_rules(ns) -> None:
+    def mlpconv_vmap(info, in_dims, x, weights, biases, stride, padding, gap=False):
+        x_dim, w_dims, b_dims = in_dims[0], in_dims[1] or [None] * len(weights), in_dims[2] or [None] * len(biases)
+        if x_dim is not None and all(d is None for d in [*w_dims, *b_dims]):
+            return _unfold(ns.mlpconv(_fold(x, x_dim), weights, biases, stride, padding, gap), info.batch_size), 0
+
+        def pick(t, d, i):
+            return t if t is None or d is None else t.select(d, i)
+
+        outs = [
+            ns.mlpconv(
+                pick(x, x_dim, i),
+                [pick(w, d, i) for w, d in zip(weights, w_dims)],
+                [pick(b, d, i) for b, d in zip(biases, b_dims)],
+                stride, padding, gap,
+            )
+            for i in range(info.batch_size)
+        ]
+        return torch.stack(outs), 0
+
+    def lrn_vmap(info, in_dims, x, size, alpha, beta, k):
+        return _unfold(ns.lrn(_fold(x, in_dims[0]), size, alpha, beta, k), info.batch_size), 0
+
+    def gap_vmap(info, in_dims, x):
+        return _unfold(ns.gap(_fold(x, in_dims[0])), info.batch_size), 0
+
+    torch.library.register_vmap(ns.mlpconv.default, mlpconv_vmap)
+    torch.library.register_vmap(ns.lrn.default, lrn_vmap)
+    torch.library.register_vmap(ns.gap.default, gap_vmap)
+
+
 register_fakes("fastnin")
 register_mlpconv_autograd(torch.ops.fastnin)
 register_lrn_autograd(torch.ops.fastnin)
 register_gap_autograd(torch.ops.fastnin)
+register_vmap_rules(torch.ops.fastnin)

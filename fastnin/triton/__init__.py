@@ -112,6 +112,7 @@ def register(namespace: str = NAMESPACE, *, use_triton_op: bool | None = None):
     _ops.register_mlpconv_autograd(ns)
     _ops.register_lrn_autograd(ns)
     _ops.register_gap_autograd(ns)
+    _ops.register_vmap_rules(ns)
     return ns
 
 
