@@ -448,12 +448,12 @@ def register_mlpconv_autograd(ns) -> None:
                 lambda: reference.mlpconv(x, weights, biases, ctx.stride, ctx.padding, ctx.gap),
                 [x, *weights, *biases], needs, grad_out,
             )
-            grads = (g[0], g[1 : S + 1] if any(needs[1 : S + 1]) else None, g[S + 1 :] if any(needs[S + 1 :]) else None)
-            return (*grads, None, None, None)[: len(ctx.needs_input_grad)]
-        mask = [bool(need_x), bool(need_w), bool(need_b)]
-        gx, gws, gbs = ns.mlpconv_backward(
-            grad_out, x, weights, biases, out, ctx.stride, ctx.padding, ctx.gap, mask
-        )
+            gx, gws, gbs = g[0], g[1 : S + 1], g[S + 1 :]
+        else:
+            mask = [bool(need_x), bool(need_w), bool(need_b)]
+            gx, gws, gbs = ns.mlpconv_backward(
+                grad_out, x, weights, biases, out, ctx.stride, ctx.padding, ctx.gap, mask
+            )
         grads = (
             gx if need_x else None,
             _list_grads(need_w, gws),

@@ -88,15 +88,7 @@ def test_compiled_backward_runs_the_fused_kernels():
     # path: its graph holds fastnin's backward ops and no convolution.
     from torch._dynamo.backends.common import aot_autograd
 
-    graphs = {"fw": [], "bw": []}
-
-    def capture(kind):
-        def compiler(gm, example_inputs):
-            graphs[kind].append({str(n.target) for n in gm.graph.nodes if n.op == "call_function"})
-            return gm.forward
-
-        return compiler
-
+    fw, bw_graphs = [], []
     before = fastnin.get_backend()
     try:
         fastnin.set_backend("cpu")
@@ -106,11 +98,11 @@ def test_compiled_backward_runs_the_fused_kernels():
             fastnin.nn.LocalResponseNorm(3),
             fastnin.nn.GlobalAvgPool2d(),
         )
-        backend = aot_autograd(fw_compiler=capture("fw"), bw_compiler=capture("bw"))
+        backend = aot_autograd(fw_compiler=_graph_ops(fw), bw_compiler=_graph_ops(bw_graphs))
         compiled = torch.compile(model, backend=backend, fullgraph=True)
         x = torch.randn(2, 3, 9, 9, requires_grad=True)
         compiled(x).sum().backward()
-        (bw,) = graphs["bw"]
+        (bw,) = bw_graphs
         for op in ("mlpconv", "lrn", "gap"):
             assert f"fastnin.{op}_backward.default" in bw, bw
         assert not any("convolution" in t for t in bw), bw

@@ -282,7 +282,7 @@ def test_double_backward(backend_device):
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
-    ns = torch.ops.fastnin_triton if backend_device[0] == "triton" else torch.ops.fastnin
+    ns = _ns(backend_device[0])
     xl = leaf(x)
     gx = ns.lrn_backward(torch.ones_like(x), xl, 3, ALPHA, BETA, K)
     with pytest.raises(RuntimeError, match="lrn_backward has no derivative of its own"):

@@ -645,7 +645,7 @@ def test_double_backward(backend_device, gap):
     for a, b in zip([*first, *second], [*first_ref, *second_ref]):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
-    ns = torch.ops.fastnin_triton if backend_device[0] == "triton" else torch.ops.fastnin
+    ns = _ns(backend_device[0])
     xl, wl = leaf(x), [leaf(w) for w in ws]
     out = fastnin.ops.mlpconv(x, ws, bs, 1, 1, gap=gap)
     gx, gws, _ = ns.mlpconv_backward(torch.ones_like(out), xl, wl, bs, None, [1, 1], [1, 1], gap, [True, True, False])
