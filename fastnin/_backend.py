@@ -89,6 +89,18 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def wrap_triton(kernel):
+    """torch.library.wrap_triton(kernel) (a launch that torch.compile can trace), or under the
+    Triton interpreter the kernel itself: the ops are then plain custom ops (fastnin/triton/
+    __init__.py) and nothing traces into the launch. torch 2.14 does this itself; torch < 2.14
+    refuses the interpreter's kernels ("wrap_triton only works on functions annotated with
+    triton.jit", or an AttributeError for an autotuned one), which failed every Triton test under
+    TRITON_INTERPRET=1 with torch 2.11 (the GPU image's version)."""
+    if triton_interpreting():
+        return kernel
+    return torch.library.wrap_triton(kernel)
+
+
 @functools.lru_cache(maxsize=None)
 def _triton_import_error() -> str | None:
     try:
@@ -107,6 +119,49 @@ def load_triton():
     from . import triton as triton_backend
 
     return triton_backend
+
+
+def check_triton_interpreter() -> None:
+    """Under TRITON_INTERPRET=1, raise a clear error where this triton and numpy cannot run
+    fastnin's kernels. Called when fastnin.triton is imported (not per op: torch.compile traces the
+    per-op path, and cannot trace a kernel launch there)."""
+    if not triton_interpreting():
+        return
+    problem = _interpreter_problem()
+    if problem is not None:
+        import numpy
+        import triton
+
+        raise RuntimeError(
+            f"fastnin: the Triton interpreter (TRITON_INTERPRET=1) of triton {triton.__version__} "
+            f"cannot run a loop over a runtime bound with numpy {numpy.__version__} ({problem}); "
+            "fastnin's Triton kernels have such loops. Use numpy < 2.4 or triton >= 3.8 for the "
+            "interpreter (this does not concern Triton on a GPU)."
+        )
+
+
+@functools.lru_cache(maxsize=None)
+def _interpreter_problem() -> str | None:
+    """Run a one-loop kernel under the Triton interpreter; return the error, if any. triton 3.6's
+    interpreter converts a scalar argument with int() of a 1-element array, which numpy >= 2.4
+    refuses: every fastnin Triton kernel then failed with an InterpreterError naming numpy, not the
+    cause (seen with torch 2.11, triton 3.6, numpy 2.4; triton 3.8 and numpy 2.3 both work)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _loop_probe(out_ptr, n):
+        acc = 0
+        for _ in range(0, n, 1):
+            acc += 1
+        tl.store(out_ptr, acc)
+
+    out = torch.zeros(1, dtype=torch.int32)
+    try:
+        _loop_probe[(1,)](out, 3)
+    except Exception as e:  # triton's InterpreterError wraps numpy's TypeError
+        return f"{type(e).__name__}: {e}"
+    return None if int(out) == 3 else f"a 3-step loop counted {int(out)}"
 
 
 def available_backends() -> list[str]:

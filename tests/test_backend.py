@@ -11,7 +11,7 @@ import torch
 import fastnin
 from fastnin import _backend
 
-from conftest import HAS_CUDA, HAS_TRITON
+from conftest import HAS_CUDA, HAS_TRITON, INTERPRET
 
 
 # Subprocesses import the same fastnin as this test run (installed, or an in-place build).
@@ -131,3 +131,16 @@ def test_env_var_sets_the_default():
     env["FASTNIN_BACKEND"] = "nonsense"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, cwd=_CWD)
     assert out.returncode != 0 and "unknown backend 'nonsense'" in out.stderr
+
+
+@pytest.mark.skipif(not (HAS_TRITON and INTERPRET), reason="Triton interpreter not enabled")
+def test_broken_triton_interpreter_gets_a_clear_error(monkeypatch):
+    # triton 3.6's interpreter with numpy >= 2.4 fails every kernel with an InterpreterError about
+    # numpy arrays; the probe run when fastnin.triton is imported names the versions and the fix
+    # instead. Here the probe is made to report a failure (this machine's triton and numpy work, as
+    # the Triton tests show).
+    assert _backend._interpreter_problem() is None
+    _backend.check_triton_interpreter()
+    monkeypatch.setattr(_backend, "_interpreter_problem", lambda: "InterpreterError: probe")
+    with pytest.raises(RuntimeError, match=r"Triton interpreter .* numpy < 2.4 or triton >= 3.8"):
+        _backend.check_triton_interpreter()

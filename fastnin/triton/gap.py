@@ -25,8 +25,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
+from .._backend import wrap_triton
 from ..ops import check_gap_args, check_gap_backward_args
 
 

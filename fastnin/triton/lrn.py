@@ -35,10 +35,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 from triton.language.extra import libdevice
 
-from .._backend import triton_interpreting
+from .._backend import triton_interpreting, wrap_triton
 from ..ops import check_lrn_args, check_lrn_backward_args, lrn_output_format
 
 # Largest channel tile taken whole (no halo). 512 fp32 channels x 8 pixels = 4096 elements.

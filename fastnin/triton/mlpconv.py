@@ -74,9 +74,8 @@ import functools
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
-from .._backend import triton_interpreting
+from .._backend import triton_interpreting, wrap_triton
 from ..ops import check_mlpconv_args, check_mlpconv_backward_args, empty_mlpconv_grads, empty_mlpconv_output, mlpconv_output_size
 
 # ------------------------------------------------------------------------------------------------
