@@ -291,6 +291,23 @@ def _autocast_mlpconv_args(x, weights, biases):
     return cast(x), [cast(w) for w in weights], biases
 
 
+def _warn_traced_as_composition() -> None:
+    """torch.jit.trace (deprecated by torch) cannot record an op with a Tensor?[] argument (its
+    tracer fails with "unsupported input list type: Tensor?"), and mlpconv's biases are one. So
+    under the tracer mlpconv records the plain torch composition it computes: the trace runs and is
+    correct, with torch's convolutions in place of the fused kernel. LRN and GAP trace as
+    themselves. torch.export keeps fastnin.mlpconv in its graph. (Python's warning filter shows
+    it once per calling line.)"""
+    import warnings
+
+    warnings.warn(
+        "fastnin.mlpconv under torch.jit.trace records the plain torch composition (conv2d + relu "
+        "per stage), not the fused kernel: the tracer cannot record its Tensor?[] argument. "
+        "torch.export keeps the fused op.",
+        stacklevel=3,
+    )
+
+
 def mlpconv(
     x: Tensor,
     weights: Sequence[Tensor],
@@ -324,6 +341,9 @@ def mlpconv(
     weights, biases, stride, padding, _ = check_mlpconv_args(x, weights, biases, stride, padding)
     gap = bool(gap)
     backend = backend_for(x, "mlpconv")
+    if backend != "torch" and torch.jit.is_tracing():
+        _warn_traced_as_composition()
+        backend = "torch"
     if backend == "torch":
         return reference.mlpconv(x, weights, biases, stride, padding, gap)
     biases = _fill_missing_biases(biases, weights)

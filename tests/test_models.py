@@ -449,6 +449,61 @@ def test_nin_inference_mode_and_torch_export():
     torch.export.export(ours, (x.clone().requires_grad_(),))
 
 
+def test_nin_export_dynamic_batch_save_load():
+    """An exported NiN with a dynamic batch dimension (the fake kernels take symbolic sizes) runs at
+    other batch sizes, and survives torch.export.save / load (fastnin imported: its ops exist)."""
+    ours, _ = make_pair("nin")
+    ours.eval()
+    batch = torch.export.Dim("batch", min=1, max=16)
+    ep = torch.export.export(ours, (torch.randn(2, 1, 67, 67),), dynamic_shapes={"x": {0: batch}})
+    buf = io.BytesIO()
+    torch.export.save(ep, buf)
+    buf.seek(0)
+    loaded = torch.export.load(buf)
+    for n in (1, 5):
+        x = torch.randn(n, 1, 67, 67)
+        ref = ours(x)
+        torch.testing.assert_close(ep.module()(x), ref, rtol=0, atol=0)
+        torch.testing.assert_close(loaded.module()(x), ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["nin", "alexnet"])
+def test_jit_trace(name):
+    """torch.jit.trace (deprecated by torch, still used for deployment) cannot record mlpconv's
+    Tensor?[] argument: it failed with "unsupported input list type: Tensor?". Under the tracer
+    mlpconv records its plain torch composition (with a warning that says so); LRN and GAP record
+    themselves. The traced model matches the twin, at another batch size too."""
+    ours, twin = make_pair(name, dropout=0.0, **({"lrn": True} if name == "alexnet" else {}))
+    ours.eval()
+    twin.eval()
+    s = SMALL[name]
+    with pytest.warns(UserWarning, match="torch.jit.trace records the plain torch composition"):
+        traced = torch.jit.trace(ours, torch.randn(2, 1, s, s))
+    kinds = {node.kind() for node in traced.inlined_graph.nodes()}
+    assert "aten::_convolution" in kinds, kinds
+    if name == "alexnet":
+        assert "fastnin::lrn" in kinds, kinds
+    x = torch.randn(3, 1, s, s)
+    assert_rel(traced(x), twin(x), "traced output")
+
+
+def test_nin_compile_dynamic_shapes_training():
+    """torch.compile(dynamic=True): one graph for several batch sizes and image sides, forward and
+    backward (the fake kernels and the backward op's fake take symbolic sizes)."""
+    ours, twin = make_pair("nin", dropout=0.0)
+    torch._dynamo.reset()
+    compiled = torch.compile(ours, dynamic=True, fullgraph=True, backend="aot_eager")
+    for n, side in [(2, 67), (3, 67), (1, 75)]:
+        x = torch.randn(n, 1, side, side)
+        ours.zero_grad()
+        twin.zero_grad()
+        yo, yt = compiled(x), twin(x)
+        assert_rel(yo, yt, f"output {n}x{side}")
+        yo.square().sum().backward()
+        yt.square().sum().backward()
+        assert_rel(ours[0][0].weight.grad, twin[0][0].weight.grad, f"grad {n}x{side}", rtol=1e-4)
+
+
 def test_nin_on_meta_device():
     """Deferred initialisation: built on the meta device, the model infers its output shape
     without data (mlpconv there once failed in its autocast check: meta has no autocast), then
