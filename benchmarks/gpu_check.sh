@@ -23,6 +23,12 @@ status=0
 stamp() { echo "== [gpu-check +$((SECONDS - t0))s] $*"; }
 skip() { [[ " ${GPU_CHECK_SKIP:-} " == *" $1 "* ]]; }
 PY=${PYTHON:-python3}
+# `python -m pytest` and `python -m fastnin.bench` put the current directory (this checkout) first
+# on sys.path, so they imported ./fastnin, which has no compiled _C (pip installs it into
+# site-packages): every step after the build failed at `import fastnin` (seen with torch 2.11 and
+# Python 3.12, the GPU image's). PYTHONSAFEPATH=1 (Python >= 3.11) leaves the directory out; older
+# Pythons get the extension built in place as well (below), so both copies import.
+export PYTHONSAFEPATH=1
 
 COMMIT=${FASTNIN_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 export FASTNIN_COMMIT=$COMMIT
@@ -38,6 +44,10 @@ if ! skip build; then
     tail -n 80 "$LOG/build.log"; stamp "BUILD FAILED"; exit 1
   fi
   grep -E "fastnin setup:" "$LOG/build.log"
+  if ! $PY -c "import sys; sys.exit(sys.version_info < (3, 11))"; then
+    stamp "Python < 3.11 (no PYTHONSAFEPATH): building in place too"
+    $PY setup.py build_ext --inplace >>"$LOG/build.log" 2>&1 || { tail -n 40 "$LOG/build.log"; exit 1; }
+  fi
   grep -E "spill|Used [0-9]+ registers" "$LOG/build.log" | sort | uniq -c | sort -rn | head -20 > "$LOG/ptxas.txt" || true
   so=$(cd /tmp && $PY -c "import fastnin._C as c; print(c.__file__)")
   cuobjdump --list-elf "$so" | tee "$LOG/elf.txt"
