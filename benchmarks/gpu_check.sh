@@ -88,8 +88,10 @@ if ! skip bench; then
   # added case by case (those with a compile target first) until 220 s have passed; the results
   # files are rewritten after every case, so even a run cut by the timeout leaves them. The JUnit
   # file of the test step puts every parity failure into the results.
+  # The chart only where matplotlib is installed (the GPU image may lack it; --plot then fails).
+  plot=(); $PY -c "import matplotlib" 2>/dev/null && plot=(--plot "$OUT/speedups.png")
   timeout 300 $PY -m fastnin.bench --device cuda --full --budget 220 --no-progress --results-dir benchmarks/results \
-      --pytest-junit "$LOG/junit.xml" --plot "$OUT/speedups.png" >"$LOG/bench.log" 2>&1
+      --pytest-junit "$LOG/junit.xml" "${plot[@]}" >"$LOG/bench.log" 2>&1
   rc=$?; tail -n 60 "$LOG/bench.log"
   [ $rc -eq 0 ] || { status=1; stamp "BENCH FAILED (rc=$rc)"; }
   cp benchmarks/results/*-"$COMMIT".* "$OUT"/ 2>/dev/null || true
