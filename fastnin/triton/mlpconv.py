@@ -570,7 +570,8 @@ _INTERP_DGRAD = [_cfg(4, 1, BM=32, BN=32, BK=32)]
 # Checked offline with ptxas (triton 3.6 for sm_90, the NiN shapes, bf16): every config compiles;
 # the forward configs mostly run spill-free once BN1 = BN3 <= 64 (BN 128 spilled 200-950 B/thread),
 # the backward chain kernel still spills (100-1500 B of stack) at C2P >= 128: a GPU profile should
-# decide between these and smaller BM. Unmeasured on a GPU so far.
+# decide between these and smaller BM. Unmeasured on a GPU so far. tests/_triton_aot.py compiles
+# every config for sm_90 in CI, every dtype (shared memory checked, spills not).
 # The chain kernels hold a [BM, C2P] fp32 accumulator (two in the backward): BM shrinks as C2P
 # grows to stay near 128 accumulator registers per thread; num_stages is the depth of the
 # stage-1 K loop's pipeline, whose tiles (BM + BN1) * BK * itemsize per stage are small next to
@@ -598,6 +599,19 @@ _BWD_CONFIGS = {
     "mid": [_cfg(8, 2, BM=64, BK=32), _cfg(8, 2, BM=32, BK=64)],
     "wide": [_cfg(8, 2, BM=32, BK=32)],
 }
+# fp32 operands (TF32 or IEEE dots) take twice the shared memory of bf16: compiled for sm_90
+# (tests/_triton_aot.py, triton 3.8), the 3-stage BM=64 "mid" forward configs need 272 KB and the
+# BM=128 "narrow" backward one 288 KB in fp32, over the 227 KB a block may have (the autotuner
+# would drop them at run time with OutOfResources, each after a wasted compile). In fp32 those run
+# with 2 stages: 208 and 160 KB.
+_FWD_CONFIGS_FP32 = {
+    **_FWD_CONFIGS,
+    "mid": [_cfg(8, 2, BM=64, BK=32), _cfg(8, 2, BM=64, BK=64), _cfg(8, 2, BM=128, BK=32)],
+}
+_BWD_CONFIGS_FP32 = {
+    **_BWD_CONFIGS,
+    "narrow": [_cfg(8, 3, BM=64, BK=32), _cfg(4, 3, BM=64, BK=64), _cfg(8, 2, BM=128, BK=32)],
+}
 _WGRAD_CONFIGS = [
     _cfg(8, 3, BM=32, BN=128, BK=128),
     _cfg(4, 3, BM=64, BN=64, BK=64),
@@ -617,13 +631,16 @@ def _width_class(c2p: int) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _autotuned(kind: str, cls: str = ""):
-    """The autotuned launcher of a kernel (one per width class for the chain kernels)."""
+def _autotuned(kind: str, cls: str = "", fp32: bool = False):
+    """The autotuned launcher of a kernel (one per width class, and fp32 or not, for the chain
+    kernels)."""
     interp = triton_interpreting()
     if kind == "fwd":
-        return triton.autotune(_INTERP_CHAIN if interp else _FWD_CONFIGS[cls], key=_CHAIN_KEY)(_mlpconv_fwd_kernel)
+        configs = (_FWD_CONFIGS_FP32 if fp32 else _FWD_CONFIGS)[cls]
+        return triton.autotune(_INTERP_CHAIN if interp else configs, key=_CHAIN_KEY)(_mlpconv_fwd_kernel)
     if kind == "bwd":
-        return triton.autotune(_INTERP_CHAIN if interp else _BWD_CONFIGS[cls], key=_CHAIN_KEY)(_mlpconv_bwd_kernel)
+        configs = (_BWD_CONFIGS_FP32 if fp32 else _BWD_CONFIGS)[cls]
+        return triton.autotune(_INTERP_CHAIN if interp else configs, key=_CHAIN_KEY)(_mlpconv_bwd_kernel)
     if kind == "wgrad":
         return triton.autotune(
             _INTERP_WGRAD if interp else _WGRAD_CONFIGS, key=["K0", "Cout", "P_BUCKET", "FLAT", "DO_W"]
@@ -650,7 +667,7 @@ def _launch(kind, cls, grid, args, constexprs, config):
     if config is None and args[0].dtype == torch.float64 and not triton_interpreting():
         config = _FP64_CFG[kind]
     if config is None:
-        wrap_triton(_autotuned(kind, cls))[grid](*args, **constexprs)
+        wrap_triton(_autotuned(kind, cls, args[0].dtype == torch.float32))[grid](*args, **constexprs)
         return
     cfg = dict(constexprs)
     cfg.update(config)  # a config may also override the launcher's BN1 / BN3
