@@ -13,7 +13,8 @@ interpreter runs the kernel for real and reads the fake tensors' data pointers. 
 bodies are registered with torch.library.custom_op plus the explicit fake kernels of
 fastnin/ops.py, so that opcheck and torch.compile (which then treats the op as opaque) can be
 tested on the CPU as well. The kernels and launchers are the same in both modes; only the wrapper
-differs, and the GPU always gets triton_op.
+differs (and fastnin._backend.wrap_triton hands the interpreter the bare kernel, which torch < 2.14's
+wrap_triton refuses), and the GPU always gets triton_op.
 """
 
 from typing import List, Optional, Tuple
