@@ -489,19 +489,22 @@ def test_jit_trace(name):
 
 def test_nin_compile_dynamic_shapes_training():
     """torch.compile(dynamic=True): one graph for several batch sizes and image sides, forward and
-    backward (the fake kernels and the backward op's fake take symbolic sizes)."""
-    ours, twin = make_pair("nin", dropout=0.0)
-    torch._dynamo.reset()
+    backward (the fake kernels and the backward op's fake take symbolic sizes), equal to eager."""
+    ours, _ = make_pair("nin", dropout=0.0)
+    eager = copy.deepcopy(ours)  # the same kernels uncompiled (a twin's fp32 gradients can differ
+    torch._dynamo.reset()  # at max-pool near-ties: see compare_with_twin)
     compiled = torch.compile(ours, dynamic=True, fullgraph=True, backend="aot_eager")
-    for n, side in [(2, 67), (3, 67), (1, 75)]:
+    for n, side in [(2, 67), (3, 67), (4, 75)]:  # (batch 1 would be specialized: Dynamo's 0/1 rule)
         x = torch.randn(n, 1, side, side)
         ours.zero_grad()
-        twin.zero_grad()
-        yo, yt = compiled(x), twin(x)
-        assert_rel(yo, yt, f"output {n}x{side}")
+        eager.zero_grad()
+        yo, ye = compiled(x), eager(x)
+        torch.testing.assert_close(yo, ye, rtol=1e-6, atol=1e-7, msg=f"output {n}x{side}")
         yo.square().sum().backward()
-        yt.square().sum().backward()
-        assert_rel(ours[0][0].weight.grad, twin[0][0].weight.grad, f"grad {n}x{side}", rtol=1e-4)
+        ye.square().sum().backward()
+        for po, pe in zip(ours.parameters(), eager.parameters()):
+            torch.testing.assert_close(po.grad, pe.grad, rtol=1e-6, atol=1e-7, msg=f"grad {n}x{side}")
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
 
 
 def test_nin_on_meta_device():

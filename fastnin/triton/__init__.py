@@ -24,11 +24,11 @@ from torch import Tensor
 
 from .. import ops as _ops
 from .._backend import check_triton_interpreter, triton_interpreting
-
-check_triton_interpreter()  # before any kernel runs: a clear error for a broken interpreter
 from .gap import gap_backward, gap_forward
 from .lrn import lrn_backward, lrn_forward
 from .mlpconv import mlpconv_backward, mlpconv_forward
+
+check_triton_interpreter()  # before any kernel runs: a clear error for a broken interpreter
 
 # The launchers below check their arguments with the functions of fastnin/ops.py (the messages of
 # the C++ entry points), so the ops called directly get the same clear errors.
