@@ -27,8 +27,8 @@ _CWD = os.path.dirname(os.path.dirname(os.path.abspath(fastnin.__file__)))
 def test_triton_kernels_compile_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (_CWD, env.get("PYTHONPATH")) if p)
-    # ~2.5 min cold on 2 cores (349 specializations, one compile at a time); seconds once
-    # Triton's cache (~/.triton/cache) holds them.
+    # 459 specializations: 194 s cold on 2 cores (one compile process per core; ~6 min in one), a
+    # few seconds once Triton's cache (~/.triton/cache) holds them.
     out = subprocess.run(
         [sys.executable, _SCRIPT, "--arch", "90"], env=env, capture_output=True, text=True, timeout=1500, cwd=_CWD
     )
