@@ -493,6 +493,7 @@ def test_nin_compile_dynamic_shapes_training():
     ours, _ = make_pair("nin", dropout=0.0)
     eager = copy.deepcopy(ours)  # the same kernels uncompiled (a twin's fp32 gradients can differ
     torch._dynamo.reset()  # at max-pool near-ties: see compare_with_twin)
+    torch._dynamo.utils.counters.clear()  # reset() keeps the counts of the tests before
     compiled = torch.compile(ours, dynamic=True, fullgraph=True, backend="aot_eager")
     for n, side in [(2, 67), (3, 67), (4, 75)]:  # (batch 1 would be specialized: Dynamo's 0/1 rule)
         x = torch.randn(n, 1, side, side)
