@@ -96,4 +96,24 @@ void store_nchw(const T* src, at::Tensor& dst) {
   });
 }
 
+// The tile of output pixels [q0, q1) (q = n * HW + pixel; a tile may hold several images or part
+// of one) moved between rows[q - q0][C] (the tile's NHWC rows, leading dimension C) and an
+// NCHW-contiguous [N, C, HW] tensor t, one transpose per image run.
+template <typename S, typename D>
+void load_tile_rows(const S* t, int64_t HW, int64_t C, int64_t q0, int64_t q1, D* rows) {
+  for (int64_t q = q0; q < q1;) {
+    const int64_t n = q / HW, r0 = q % HW, r1 = std::min(HW, r0 + (q1 - q));
+    transpose<S, D>(t + n * C * HW + r0, HW, rows + (q - q0) * C, C, C, r1 - r0);
+    q += r1 - r0;
+  }
+}
+template <typename S, typename D>
+void store_tile_rows(const S* rows, int64_t HW, int64_t C, int64_t q0, int64_t q1, D* t) {
+  for (int64_t q = q0; q < q1;) {
+    const int64_t n = q / HW, r0 = q % HW, r1 = std::min(HW, r0 + (q1 - q));
+    transpose<S, D>(rows + (q - q0) * C, C, t + n * C * HW + r0, HW, r1 - r0, C);
+    q += r1 - r0;
+  }
+}
+
 }  // namespace fastnin::cpu

@@ -513,14 +513,7 @@ void mlpconv_forward_impl(const MlpconvShape& s, const at::Tensor& x, at::Tensor
         scalar_t* dst = op + q0 * Cout;
         for (int64_t e = 0; e < rows * Cout; ++e) dst[e] = static_cast<scalar_t>(a[e]);
       } else {
-        // NCHW: transpose the tile on the way out, one image run at a time
-        int64_t q = q0;
-        while (q < q1) {
-          const int64_t n = q / HW, r0 = q % HW, r1 = std::min(HW, r0 + (q1 - q));
-          fastnin::cpu::transpose<acc_t, scalar_t>(a + (q - q0) * Cout, Cout, op + n * Cout * HW + r0, HW, r1 - r0,
-                                                   Cout);
-          q += r1 - r0;
-        }
+        fastnin::cpu::store_tile_rows(a, HW, Cout, q0, q1, op);  // NCHW: transposed on the way out
       }
     }
   });
@@ -587,7 +580,7 @@ void mlpconv_backward_impl(const MlpconvShape& s, const at::Tensor& grad_out, co
   const acc_t* xp = xc.data_ptr<acc_t>();
   // grad_out and out are read as [N*HW, Cout] rows of the compute type (grad_out: [N, Cout] for
   // gap). Where one is NCHW-contiguous in the compute type it is read where it lies, each tile
-  // transposing its own block into a buffer (tile_rows below), instead of a whole-tensor NHWC
+  // transposing its own block into a buffer (load_tile_rows, layout.h), instead of a whole-tensor NHWC
   // copy first (a 6.3 MB temporary each for CIFAR block 2 at batch 32, written and read again).
   // Measured on that block's NCHW backward, old and new builds alternated in separate processes:
   // within noise (medians 106.2 vs 106.2 ms at 1 thread, minima 100.8 vs 99.7 ms); kept for the
@@ -609,14 +602,6 @@ void mlpconv_backward_impl(const MlpconvShape& s, const at::Tensor& grad_out, co
     oc = out_nchw ? out : fastnin::cpu::nhwc<acc_t>(out);
     outp = oc.data_ptr<acc_t>();
   }
-  // Rows [q0, q1) of an NCHW tensor [N, Cout, HW] as dst[rows, Cout]: one transpose per image run.
-  const auto tile_rows = [&](const acc_t* src, int64_t q0, int64_t q1, acc_t* dst) {
-    for (int64_t q = q0; q < q1;) {
-      const int64_t n = q / HW, r0 = q % HW, r1 = std::min(HW, r0 + (q1 - q));
-      fastnin::cpu::transpose<acc_t, acc_t>(src + n * Cout * HW + r0, HW, dst + (q - q0) * Cout, Cout, Cout, r1 - r0);
-      q += r1 - r0;
-    }
-  };
 
   const Tiling tl = make_tiling(s, sizeof(acc_t), wino);
   std::optional<Winograd<acc_t>> winop;
@@ -719,7 +704,7 @@ void mlpconv_backward_impl(const MlpconvShape& s, const at::Tensor& grad_out, co
         acc_t* gnext = G1;
         const acc_t* hS = a[S];
         if (out_nchw) {
-          tile_rows(outp, q0, q1, Ot);
+          fastnin::cpu::load_tile_rows(outp, HW, Cout, q0, q1, Ot);
           hS = Ot;
         } else if (use_out) {
           hS = outp + q0 * Cout;
@@ -733,7 +718,7 @@ void mlpconv_backward_impl(const MlpconvShape& s, const at::Tensor& grad_out, co
             r = r1;
           }
         } else if (go_nchw) {
-          tile_rows(gop, q0, q1, g);
+          fastnin::cpu::load_tile_rows(gop, HW, Cout, q0, q1, g);
           relu_mask(g, Cout, hS, Cout, rows, Cout);  // = masked_grad with scale 1, bit for bit
         } else {
           masked_grad(g, gop + q0 * Cout, Cout, hS, rows, Cout, acc_t(1));
