@@ -260,32 +260,34 @@ FASTNIN_CLONES inline void wino_output_adjoint<float>(const float* g00, const fl
 }
 
 // The filter transform of one row of U: u[e][k] = (G g G^T)[xi][nu] (e = 4 xi + nu) for
-// k < K1, from the 3x3 taps g[p][q][k * sk[p][q]] (the weight read in place, sk its
-// output-channel stride; or one zero with stride 0), in double, rounded once to T.
+// k < K1, from the rows g[p][q][k] of the 3x3 taps (contiguous along k, a row of zeros for a tap
+// outside the kernel: see stage_taps), in double, rounded once to T.
 template <typename T>
-FASTNIN_INLINE void wino_filter_row_impl(const T* const (&g)[3][3], const int64_t (&sk)[3][3], int64_t K1,
-                                          T* const (&u)[16]) {
+FASTNIN_INLINE void wino_filter_row_impl(const T* const (&g)[3][3], int64_t K1, T* const (&u)[16]) {
   constexpr int L = 8;
-  auto block = [&](int64_t k, auto lanes) {
+  auto block = [&](int64_t k, auto lanes) FASTNIN_LAMBDA_INLINE {
     constexpr int n = decltype(lanes)::value;
     double t[4][3][n];  // G g
     for (int q = 0; q < 3; ++q) {
       for (int l = 0; l < n; ++l) {
-        const double g0 = g[0][q][(k + l) * sk[0][q]], g1 = g[1][q][(k + l) * sk[1][q]],
-                     g2 = g[2][q][(k + l) * sk[2][q]];
+        const double g0 = g[0][q][k + l], g1 = g[1][q][k + l], g2 = g[2][q][k + l];
         t[0][q][l] = g0;
         t[1][q][l] = 0.5 * (g0 + g1 + g2);
         t[2][q][l] = 0.5 * (g0 - g1 + g2);
         t[3][q][l] = g2;
       }
     }
-    for (int xi = 0; xi < 4; ++xi) {  // (G g) G^T
-      for (int l = 0; l < n; ++l) {
-        u[4 * xi + 0][k + l] = static_cast<T>(t[xi][0][l]);
-        u[4 * xi + 1][k + l] = static_cast<T>(0.5 * (t[xi][0][l] + t[xi][1][l] + t[xi][2][l]));
-        u[4 * xi + 2][k + l] = static_cast<T>(0.5 * (t[xi][0][l] - t[xi][1][l] + t[xi][2][l]));
-        u[4 * xi + 3][k + l] = static_cast<T>(t[xi][2][l]);
-      }
+    // (G g) G^T. One loop per destination row: with the four stores in one loop GCC could not
+    // rule out that the rows overlap and kept the loop scalar.
+    for (int xi = 0; xi < 4; ++xi) {
+      T* __restrict u0 = u[4 * xi + 0] + k;
+      T* __restrict u1 = u[4 * xi + 1] + k;
+      T* __restrict u2 = u[4 * xi + 2] + k;
+      T* __restrict u3 = u[4 * xi + 3] + k;
+      for (int l = 0; l < n; ++l) u0[l] = static_cast<T>(t[xi][0][l]);
+      for (int l = 0; l < n; ++l) u1[l] = static_cast<T>(0.5 * (t[xi][0][l] + t[xi][1][l] + t[xi][2][l]));
+      for (int l = 0; l < n; ++l) u2[l] = static_cast<T>(0.5 * (t[xi][0][l] - t[xi][1][l] + t[xi][2][l]));
+      for (int l = 0; l < n; ++l) u3[l] = static_cast<T>(t[xi][2][l]);
     }
   };
   int64_t k = 0;
@@ -293,22 +295,20 @@ FASTNIN_INLINE void wino_filter_row_impl(const T* const (&g)[3][3], const int64_
   for (; k < K1; ++k) block(k, std::integral_constant<int, 1>{});
 }
 template <typename T>
-inline void wino_filter_row(const T* const (&g)[3][3], const int64_t (&sk)[3][3], int64_t K1, T* const (&u)[16]) {
-  wino_filter_row_impl(g, sk, K1, u);
+inline void wino_filter_row(const T* const (&g)[3][3], int64_t K1, T* const (&u)[16]) {
+  wino_filter_row_impl(g, K1, u);
 }
 template <>
-FASTNIN_CLONES inline void wino_filter_row<float>(const float* const (&g)[3][3], const int64_t (&sk)[3][3],
-                                                  int64_t K1, float* const (&u)[16]) {
-  wino_filter_row_impl(g, sk, K1, u);
+FASTNIN_CLONES inline void wino_filter_row<float>(const float* const (&g)[3][3], int64_t K1, float* const (&u)[16]) {
+  wino_filter_row_impl(g, K1, u);
 }
 
-// The adjoint of wino_filter_row: dst[p][q][k * sk[p][q]] = (G^T dU G)[p][q] for k < K1, from
-// the 16 rows du[e][k], in double, rounded once to T.
+// The adjoint of wino_filter_row: dst[p][q][k] = (G^T dU G)[p][q] for k < K1, from the 16 rows
+// du[e][k], in double, rounded once to T.
 template <typename T>
-FASTNIN_INLINE void wino_filter_grad_row_impl(const T* const (&du)[16], int64_t K1, T* const (&dst)[3][3],
-                                               const int64_t (&sk)[3][3]) {
+FASTNIN_INLINE void wino_filter_grad_row_impl(const T* const (&du)[16], int64_t K1, T* const (&dst)[3][3]) {
   constexpr int L = 8;
-  auto block = [&](int64_t k, auto lanes) {
+  auto block = [&](int64_t k, auto lanes) FASTNIN_LAMBDA_INLINE {
     constexpr int n = decltype(lanes)::value;
     double sm[3][4][n];  // G^T dU
     for (int nu = 0; nu < 4; ++nu) {
@@ -320,12 +320,13 @@ FASTNIN_INLINE void wino_filter_grad_row_impl(const T* const (&du)[16], int64_t 
         sm[2][nu][l] = 0.5 * (d1 + d2) + d3;
       }
     }
-    for (int p = 0; p < 3; ++p) {  // (G^T dU) G
-      for (int l = 0; l < n; ++l) {
-        dst[p][0][(k + l) * sk[p][0]] = static_cast<T>(sm[p][0][l] + 0.5 * (sm[p][1][l] + sm[p][2][l]));
-        dst[p][1][(k + l) * sk[p][1]] = static_cast<T>(0.5 * (sm[p][1][l] - sm[p][2][l]));
-        dst[p][2][(k + l) * sk[p][2]] = static_cast<T>(0.5 * (sm[p][1][l] + sm[p][2][l]) + sm[p][3][l]);
-      }
+    for (int p = 0; p < 3; ++p) {  // (G^T dU) G, one loop per destination row (as above)
+      T* __restrict d0 = dst[p][0] + k;
+      T* __restrict d1 = dst[p][1] + k;
+      T* __restrict d2 = dst[p][2] + k;
+      for (int l = 0; l < n; ++l) d0[l] = static_cast<T>(sm[p][0][l] + 0.5 * (sm[p][1][l] + sm[p][2][l]));
+      for (int l = 0; l < n; ++l) d1[l] = static_cast<T>(0.5 * (sm[p][1][l] - sm[p][2][l]));
+      for (int l = 0; l < n; ++l) d2[l] = static_cast<T>(0.5 * (sm[p][1][l] + sm[p][2][l]) + sm[p][3][l]);
     }
   };
   int64_t k = 0;
@@ -333,14 +334,48 @@ FASTNIN_INLINE void wino_filter_grad_row_impl(const T* const (&du)[16], int64_t 
   for (; k < K1; ++k) block(k, std::integral_constant<int, 1>{});
 }
 template <typename T>
-inline void wino_filter_grad_row(const T* const (&du)[16], int64_t K1, T* const (&dst)[3][3],
-                                 const int64_t (&sk)[3][3]) {
-  wino_filter_grad_row_impl(du, K1, dst, sk);
+inline void wino_filter_grad_row(const T* const (&du)[16], int64_t K1, T* const (&dst)[3][3]) {
+  wino_filter_grad_row_impl(du, K1, dst);
 }
 template <>
 FASTNIN_CLONES inline void wino_filter_grad_row<float>(const float* const (&du)[16], int64_t K1,
-                                                      float* const (&dst)[3][3], const int64_t (&sk)[3][3]) {
-  wino_filter_grad_row_impl(du, K1, dst, sk);
+                                                      float* const (&dst)[3][3]) {
+  wino_filter_grad_row_impl(du, K1, dst);
+}
+
+// The weight <-> tap-row transposes around the filter transforms: loc[t * K1 + k] = w[k * sk +
+// off[t]] for taps t < nt (and back). The transforms run along k, the weight's slowest axis, so a
+// block of input channels is staged first as rows contiguous along k, instead of reading the
+// weight in place through its strides (one element per output channel, 9.6 KB apart for 5x5
+// 96 -> 192). The forward pays the filter transform on every training step (the weights change).
+// Measured on CIFAR block 2's layer (5x5 96 -> 192) on one 16x16 image, forced Winograd, 2
+// threads, medians: forward with a weight changed before each call 1.93-2.27 -> 1.21-1.23 ms
+// (0.63-0.69 ms with a fixed weight), forward + backward 5.31-5.45 -> 3.82-3.86 ms; this and
+// vectorizing the rows' stores (wino_filter_row) together. Blocks of 16 output channels: 16
+// weight rows are read at a time, each row's run of taps consumed in order.
+template <typename T>
+void stage_taps(const T* w, int64_t sk, const int64_t* off, int64_t nt, int64_t K1, T* loc) {
+  constexpr int64_t B = 16;
+  for (int64_t k0 = 0; k0 < K1; k0 += B) {
+    const int64_t nb = std::min(B, K1 - k0);
+    for (int64_t t = 0; t < nt; ++t) {
+      const T* src = w + k0 * sk + off[t];
+      T* dst = loc + t * K1 + k0;
+      for (int64_t l = 0; l < nb; ++l) dst[l] = src[l * sk];
+    }
+  }
+}
+template <typename T>
+void unstage_taps(const T* loc, int64_t nt, int64_t K1, T* w, int64_t sk, const int64_t* off) {
+  constexpr int64_t B = 16;
+  for (int64_t k0 = 0; k0 < K1; k0 += B) {
+    const int64_t nb = std::min(B, K1 - k0);
+    for (int64_t t = 0; t < nt; ++t) {
+      const T* src = loc + t * K1 + k0;
+      T* dst = w + k0 * sk + off[t];
+      for (int64_t l = 0; l < nb; ++l) dst[l * sk] = src[l];
+    }
+  }
 }
 
 // Per-thread buffers.
@@ -411,10 +446,10 @@ class Winograd {
     }
     Kw_ = koff_[16];
     // U_e[pos_e(a, b) * Cin + c][k] = (G g_ab G^T)[xi][nu], in double, then rounded once. The
-    // loops run along k, reading the weight in place through its strides (any layout): a
-    // permuted copy first ([kh][kw][Cin][K1], contiguous along k) went through TensorIterator's
-    // transposing copy at ~1 ns per element, 0.2-0.6 ms a call on NiN's blocks. For a given row
-    // (c) the K1 taps it reads lie in K1 cache lines that the next rows (c + 1, ...) reuse.
+    // loops run along k over a block of input channels at a time, staged from the weight's own
+    // strides (any layout) as rows contiguous along k (stage_taps). A whole permuted copy first
+    // ([kh][kw][Cin][K1]) went through TensorIterator's transposing copy at ~1 ns per element,
+    // 0.2-0.6 ms a call on NiN's blocks; reading the weight in place along k, 1.4 ms on block 2.
     const at::Tensor w = w0.to(c10::CppTypeToScalarType<T>::value);
     const T* wp = w.data_ptr<T>();
     const int64_t sk = w.stride(0), sc = w.stride(1), sy = w.stride(2), sx = w.stride(3);
@@ -433,26 +468,19 @@ class Winograd {
     U_ = up;
     if (hit) return;  // already transformed
     const int64_t K1 = K1_;
-    at::parallel_for(0, nb_ * C_, 1, [&](int64_t rb, int64_t re) {
-      const T zero = T(0);  // a tap outside the kernel (stride 0)
-      std::vector<T> sink(K1);  // the points a sub-kernel does not take
-      for (int64_t row = rb; row < re; ++row) {
-        const int64_t ab = row / C_, c = row % C_, a = ab / nsw_, b = ab % nsw_;
-        const T* g[3][3];
-        int64_t st[3][3];
-        for (int p = 0; p < 3; ++p) {
-          for (int q = 0; q < 3; ++q) {
-            const bool tap = wino_tap(s.kh, nsh_, a, p) && wino_tap(s.kw, nsw_, b, q);
-            g[p][q] = tap ? wp + c * sc + (2 * a + p) * sy + (2 * b + q) * sx : &zero;
-            st[p][q] = tap ? sk : 0;
+    over_channel_blocks(sc, sy, sx, [&](int64_t c0, int64_t nc, T* loc, T* zero, T* sink, const int64_t* off) {
+      stage_taps(wp, sk, off, nc * s.kh * s.kw, K1, loc);
+      for (int64_t cl = 0; cl < nc; ++cl) {
+        for (int64_t ab = 0; ab < nb_; ++ab) {
+          const T* g[3][3];
+          tap_rows<const T*>(loc, cl, ab, zero, g);
+          T* u[16];
+          for (int e = 0; e < 16; ++e) {
+            const int64_t p = pos_[e * nb_ + ab];
+            u[e] = p < 0 ? sink : up + (koff_[e] + p * C_ + c0 + cl) * K1;
           }
+          wino_filter_row<T>(g, K1, u);
         }
-        T* u[16];
-        for (int e = 0; e < 16; ++e) {
-          const int64_t p = pos_[e * nb_ + ab];
-          u[e] = p < 0 ? sink.data() : up + (koff_[e] + p * C_ + c) * K1;
-        }
-        wino_filter_row<T>(g, st, K1, u);
       }
     });
   }
@@ -617,37 +645,71 @@ class Winograd {
     });
   }
 
-  // gw[K1][kh][kw][Cin] = the kernel gradient, from dU summed over all work items: each sub-kernel
-  // gradient is G^T dU G (in double), and each kernel tap belongs to one sub-kernel. Computed
-  // along k and written in place with gw's stride along k (no intermediate [kh][kw][Cin][K1]
-  // copy and transposing copy, as in the constructor).
-  void weight_grad(const T* dU, T* gw) const {
-    const int64_t kh = s_.kh, kw = s_.kw, K1 = K1_, sk = kh * kw * C_;
-    at::parallel_for(0, nb_ * C_, 1, [&](int64_t rb, int64_t re) {
-      T sink;  // the zero taps of a sub-kernel (stride 0)
-      const std::vector<T> zero(K1, T(0));  // the points a sub-kernel does not take
-      for (int64_t row = rb; row < re; ++row) {
-        const int64_t ab = row / C_, c = row % C_, a = ab / nsw_, b = ab % nsw_;
-        T* dst[3][3];
-        int64_t st[3][3];
-        for (int p = 0; p < 3; ++p) {
-          for (int q = 0; q < 3; ++q) {
-            const bool tap = wino_tap(kh, nsh_, a, p) && wino_tap(kw, nsw_, b, q);
-            dst[p][q] = tap ? gw + ((2 * a + p) * kw + 2 * b + q) * C_ + c : &sink;
-            st[p][q] = tap ? sk : 0;
+  // The kernel gradient, from dU summed over all work items, into gw[k * sk + c * sc + y * sy +
+  // x * sx] (any layout: the caller's grad_w itself where its dtype is T, so that no permuting
+  // copy follows). Each sub-kernel gradient is G^T dU G (in double), and each kernel tap belongs
+  // to exactly one sub-kernel, so the staged block is fully written before it goes out.
+  void weight_grad(const T* dU, T* gw, int64_t sk, int64_t sc, int64_t sy, int64_t sx) const {
+    const int64_t K1 = K1_;
+    over_channel_blocks(sc, sy, sx, [&](int64_t c0, int64_t nc, T* loc, T* zero, T* sink, const int64_t* off) {
+      for (int64_t cl = 0; cl < nc; ++cl) {
+        for (int64_t ab = 0; ab < nb_; ++ab) {
+          T* dst[3][3];
+          tap_rows<T*>(loc, cl, ab, sink, dst);
+          const T* du[16];
+          for (int e = 0; e < 16; ++e) {
+            const int64_t p = pos_[e * nb_ + ab];
+            du[e] = p < 0 ? zero : dU + (koff_[e] + p * C_ + c0 + cl) * K1;
           }
+          wino_filter_grad_row<T>(du, K1, dst);
         }
-        const T* du[16];
-        for (int e = 0; e < 16; ++e) {
-          const int64_t p = pos_[e * nb_ + ab];
-          du[e] = p < 0 ? zero.data() : dU + (koff_[e] + p * C_ + c) * K1;
-        }
-        wino_filter_grad_row<T>(du, K1, dst, st);
       }
+      unstage_taps(loc, nc * s_.kh * s_.kw, K1, gw, sk, off);
     });
   }
 
  private:
+  // fn(c0, nc, loc, zero, sink, off) for blocks of input channels [c0, c0 + nc), in parallel:
+  // loc has room for the block's taps staged as rows of K1 (row (cl * kh + y) * kw + x, see
+  // stage_taps), off[t] is row t's weight offset (strides sc, sy, sx), zero a row of K1 zeros
+  // (read only) and sink a row to write away. ~128 KB of rows per block (L2-resident), and at
+  // least one block per thread.
+  template <typename F>
+  void over_channel_blocks(int64_t sc, int64_t sy, int64_t sx, F&& fn) const {
+    const int64_t taps = s_.kh * s_.kw, K1 = K1_;
+    const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+    int64_t cb = std::max<int64_t>(1, (int64_t(128) << 10) / (taps * K1 * static_cast<int64_t>(sizeof(T))));
+    cb = std::min(cb, std::max<int64_t>(1, (C_ + threads - 1) / threads));
+    at::parallel_for(0, (C_ + cb - 1) / cb, 1, [&](int64_t bb, int64_t be) {
+      std::vector<T> loc((cb * taps + 2) * K1, T(0));
+      std::vector<int64_t> off(cb * taps);
+      T* zero = loc.data() + cb * taps * K1;
+      T* sink = zero + K1;
+      for (int64_t blk = bb; blk < be; ++blk) {
+        const int64_t c0 = blk * cb, nc = std::min(cb, C_ - c0);
+        for (int64_t cl = 0; cl < nc; ++cl) {
+          for (int64_t y = 0; y < s_.kh; ++y) {
+            for (int64_t x = 0; x < s_.kw; ++x) off[(cl * s_.kh + y) * s_.kw + x] = (c0 + cl) * sc + y * sy + x * sx;
+          }
+        }
+        fn(c0, nc, loc.data(), zero, sink, off.data());
+      }
+    });
+  }
+
+  // rows[p][q]: the staged row (over_channel_blocks) of tap (p, q) of sub-kernel ab for channel cl
+  // of the block, or `none` where the sub-kernel has no such tap.
+  template <typename P>
+  void tap_rows(T* loc, int64_t cl, int64_t ab, P none, P (&rows)[3][3]) const {
+    const int64_t a = ab / nsw_, b = ab % nsw_;
+    for (int p = 0; p < 3; ++p) {
+      for (int q = 0; q < 3; ++q) {
+        const bool tap = wino_tap(s_.kh, nsh_, a, p) && wino_tap(s_.kw, nsw_, b, q);
+        rows[p][q] = tap ? loc + ((cl * s_.kh + 2 * a + p) * s_.kw + 2 * b + q) * K1_ : none;
+      }
+    }
+  }
+
   // fn(n, ty0, ty1, row0, pix0) for each image n in [q0, q1): its output tile rows [ty0, ty1),
   // whose tiles are GEMM rows row0.. and whose pixels start at row pix0 of the item.
   template <typename F>
