@@ -417,12 +417,14 @@ Params<acc_t> pack_params(const MlpconvShape& s, at::TensorList weights,
 }
 
 // acc[0:n] = sum over c of acc[c*n : (c+1)*n], in chunk order (deterministic).
+// stride: the distance between two chunks' blocks (default n).
 template <typename T>
-void sum_chunks(T* acc, int64_t nchunks, int64_t n) {
+void sum_chunks(T* acc, int64_t nchunks, int64_t n, int64_t stride = -1) {
   if (nchunks <= 1) return;
+  if (stride < 0) stride = n;
   at::parallel_for(0, n, 4096, [&](int64_t b, int64_t e) {
     for (int64_t c = 1; c < nchunks; ++c) {
-      add_to(acc + b, acc + c * n + b, e - b);
+      add_to(acc + b, acc + c * stride + b, e - b);
     }
   });
 }
@@ -645,7 +647,15 @@ void mlpconv_backward_impl(const MlpconvShape& s, const at::Tensor& grad_out, co
     wsize += s.C[i] * prm.Kin[i];
     bsize += s.C[i];
   }
-  std::vector<acc_t> gw_acc(need_w ? nchunks * wsize : 0, acc_t(0));
+  // Kept from call to call by the calling thread, like dU_store below: a fresh zeroed vector cost
+  // page faults and a memset on every call (4.3 MB on CIFAR block 2 with 2 chunks). Zeroed here
+  // except stage 0's blocks under Winograd: no chunk accumulates there (that gradient sums in
+  // dU_acc), and weight_grad writes its result whole.
+  static thread_local std::vector<acc_t> gw_store;
+  std::vector<acc_t> gw_own;
+  acc_t* const gw_acc = need_w ? fastnin::cpu::kept_or_own(gw_store, gw_own, nchunks * wsize) : nullptr;
+  const int64_t wlo = wino ? woff[0] + s.C[0] * prm.Kin[0] : 0;  // the accumulated part: [wlo, wsize)
+  for (int64_t c = 0; need_w && c < nchunks; ++c) std::fill(gw_acc + c * wsize + wlo, gw_acc + (c + 1) * wsize, acc_t(0));
   std::vector<double> gb_acc(need_b ? nchunks * bsize : 0, 0.0);
   // Winograd: stage 0's weight gradient accumulates in the transformed domain, per chunk.
   const int64_t usize = wino && need_w ? winop->u_size() : 0;
@@ -668,7 +678,7 @@ void mlpconv_backward_impl(const MlpconvShape& s, const at::Tensor& grad_out, co
     acc_t* Ot = out_nchw ? buf(Ov, T * Cout) : nullptr;  // the tile's rows of an NCHW `out`
     // gP: reuses P's buffer once gW_0 is done, or its own when P is not needed
     for (int64_t c = cb; c < ce; ++c) {
-      acc_t* gw = need_w ? gw_acc.data() + c * wsize : nullptr;
+      acc_t* gw = need_w ? gw_acc + c * wsize : nullptr;
       double* gb = need_b ? gb_acc.data() + c * bsize : nullptr;
       acc_t* gx = need_x ? gx_acc.data_ptr<acc_t>() + (shared_gx || gx_direct ? 0 : c * xnumel) : nullptr;
       if (usize > 0 && bounds[c] == bounds[c + 1]) std::fill_n(dU_acc + c * usize, usize, acc_t(0));  // no items
@@ -754,7 +764,7 @@ void mlpconv_backward_impl(const MlpconvShape& s, const at::Tensor& grad_out, co
 
   // Reduce the per-chunk accumulators in chunk order and write the results.
   if (need_w) {
-    sum_chunks(gw_acc.data(), nchunks, wsize);
+    sum_chunks(gw_acc + wlo, nchunks, wsize - wlo, wsize);
     // Winograd writes stage 0's kernel gradient straight into grad_w[0] where that has the
     // compute type (its permuting copy below took 0.3 ms on CIFAR block 2), else into gw_acc's
     // [K1][kh][kw][Cin] block for the converting copy.
@@ -765,13 +775,13 @@ void mlpconv_backward_impl(const MlpconvShape& s, const at::Tensor& grad_out, co
         const at::Tensor& g = grad_w[0];
         winop->weight_grad(dU_acc, g.data_ptr<acc_t>(), g.stride(0), g.stride(1), g.stride(2), g.stride(3));
       } else {
-        winop->weight_grad(dU_acc, gw_acc.data() + woff[0], s.kh * s.kw * Cin, 1, s.kw * Cin, Cin);
+        winop->weight_grad(dU_acc, gw_acc + woff[0], s.kh * s.kw * Cin, 1, s.kw * Cin, Cin);
       }
     }
     for (int64_t i = 0; i < S; ++i) {
       if (i == 0 && wino_direct) continue;
       const auto& w = weights[i];
-      at::Tensor src = at::from_blob(gw_acc.data() + woff[i], {w.size(0), w.size(2), w.size(3), w.size(1)},
+      at::Tensor src = at::from_blob(gw_acc + woff[i], {w.size(0), w.size(2), w.size(3), w.size(1)},
                                      at::TensorOptions().dtype(acc))
                            .permute({0, 3, 1, 2});
       grad_w[i].copy_(src);
