@@ -278,12 +278,14 @@ FASTNIN_INLINE void wino_filter_row_impl(const T* const (&g)[3][3], int64_t K1, 
       }
     }
     // (G g) G^T. One loop per destination row: with the four stores in one loop GCC could not
-    // rule out that the rows overlap and kept the loop scalar.
+    // rule out that the rows overlap and kept the loop scalar. (They may: the points a sub-kernel
+    // does not take all go to one sink row, so no __restrict; each loop stores to one row and
+    // reads only t, which vectorizes as it is.)
     for (int xi = 0; xi < 4; ++xi) {
-      T* __restrict u0 = u[4 * xi + 0] + k;
-      T* __restrict u1 = u[4 * xi + 1] + k;
-      T* __restrict u2 = u[4 * xi + 2] + k;
-      T* __restrict u3 = u[4 * xi + 3] + k;
+      T* u0 = u[4 * xi + 0] + k;
+      T* u1 = u[4 * xi + 1] + k;
+      T* u2 = u[4 * xi + 2] + k;
+      T* u3 = u[4 * xi + 3] + k;
       for (int l = 0; l < n; ++l) u0[l] = static_cast<T>(t[xi][0][l]);
       for (int l = 0; l < n; ++l) u1[l] = static_cast<T>(0.5 * (t[xi][0][l] + t[xi][1][l] + t[xi][2][l]));
       for (int l = 0; l < n; ++l) u2[l] = static_cast<T>(0.5 * (t[xi][0][l] - t[xi][1][l] + t[xi][2][l]));
@@ -321,9 +323,9 @@ FASTNIN_INLINE void wino_filter_grad_row_impl(const T* const (&du)[16], int64_t 
       }
     }
     for (int p = 0; p < 3; ++p) {  // (G^T dU) G, one loop per destination row (as above)
-      T* __restrict d0 = dst[p][0] + k;
-      T* __restrict d1 = dst[p][1] + k;
-      T* __restrict d2 = dst[p][2] + k;
+      T* d0 = dst[p][0] + k;
+      T* d1 = dst[p][1] + k;
+      T* d2 = dst[p][2] + k;
       for (int l = 0; l < n; ++l) d0[l] = static_cast<T>(sm[p][0][l] + 0.5 * (sm[p][1][l] + sm[p][2][l]));
       for (int l = 0; l < n; ++l) d1[l] = static_cast<T>(0.5 * (sm[p][1][l] - sm[p][2][l]));
       for (int l = 0; l < n; ++l) d2[l] = static_cast<T>(0.5 * (sm[p][1][l] + sm[p][2][l]) + sm[p][3][l]);
