@@ -445,48 +445,58 @@ def _refuse_double_backward(backward_op, op: str, public: str) -> None:
     torch.library.register_autograd(backward_op, backward, setup_context=lambda ctx, inputs, output: None)
 
 
-def register_mlpconv_autograd(ns) -> None:
-    def setup_context(ctx, inputs, output):
-        x, weights, biases, stride, padding, gap = inputs
-        ctx.stride, ctx.padding, ctx.gap = list(stride), list(padding), gap
-        ctx.nstages = len(weights)
-        ctx.has_bias = [b is not None for b in biases]
-        # Only x and the output are kept: the backward recomputes the intermediate activations.
-        ctx.save_for_backward(x, None if gap else output, *weights, *[b for b in biases if b is not None])
+def _mlpconv_setup_context(ctx, inputs, output):
+    x, weights, biases, stride, padding, gap = inputs
+    ctx.stride, ctx.padding, ctx.gap = list(stride), list(padding), gap
+    ctx.nstages = len(weights)
+    ctx.has_bias = [b is not None for b in biases]
+    # Only x and the output are kept: the backward recomputes the intermediate activations.
+    ctx.save_for_backward(x, None if gap else output, *weights, *[b for b in biases if b is not None])
 
-    def backward(ctx, grad_out):
-        x, out, *params = ctx.saved_tensors
-        weights = params[: ctx.nstages]
-        it = iter(params[ctx.nstages :])
-        biases = [next(it) if h else None for h in ctx.has_bias]
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        if torch.is_grad_enabled():  # create_graph=True: differentiable gradients
-            S = len(weights)
-            needs = [bool(need_x), *_as_flags(need_w, S)]
-            needs += [n and b is not None for n, b in zip(_as_flags(need_b, S), biases)]
-            g = _reference_grads(
-                lambda: reference.mlpconv(x, weights, biases, ctx.stride, ctx.padding, ctx.gap),
-                [x, *weights, *biases], needs, grad_out,
-            )
-            gx, gws, gbs = g[0], g[1 : S + 1], g[S + 1 :]
-        else:
-            mask = [bool(need_x), bool(need_w), bool(need_b)]
-            gx, gws, gbs = ns.mlpconv_backward(
-                grad_out, x, weights, biases, out, ctx.stride, ctx.padding, ctx.gap, mask
-            )
-        grads = (
-            gx if need_x else None,
-            _list_grads(need_w, gws),
-            _list_grads(need_b, gbs),
-            None,
-            None,
-            None,
+
+def _mlpconv_grads(ns, ctx, grad_out, need_x: bool, need_w: list[bool], need_b: list[bool]):
+    """(grad_x, [grad_w], [grad_b]) of the mlpconv saved by _mlpconv_setup_context, None where not
+    needed, with the backward kernel of op namespace ns (differentiable ones under grad mode)."""
+    x, out, *params = ctx.saved_tensors
+    S = ctx.nstages
+    weights = params[:S]
+    it = iter(params[S:])
+    biases = [next(it) if h else None for h in ctx.has_bias]
+    need_b = [n and b is not None for n, b in zip(need_b, biases)]
+    if torch.is_grad_enabled():  # create_graph=True: differentiable gradients
+        g = _reference_grads(
+            lambda: reference.mlpconv(x, weights, biases, ctx.stride, ctx.padding, ctx.gap),
+            [x, *weights, *biases], [need_x, *need_w, *need_b], grad_out,
         )
+        gx, gws, gbs = g[0], g[1 : S + 1], g[S + 1 :]
+    else:
+        # The kernel's mask is per kind (x, all weights, all biases): a frozen layer's weights
+        # (requires_grad=False) cost no weight-gradient products.
+        mask = [need_x, any(need_w), any(need_b)]
+        gx, gws, gbs = ns.mlpconv_backward(
+            grad_out, x, weights, biases, out, ctx.stride, ctx.padding, ctx.gap, mask
+        )
+        # (a kind the mask leaves out comes back as an empty list)
+        gws, gbs = list(gws) or [None] * S, list(gbs) or [None] * S
+    return (
+        gx if need_x else None,
+        [g if n else None for g, n in zip(gws, need_w)],
+        [g if n else None for g, n in zip(gbs, need_b)],
+    )
+
+
+def register_mlpconv_autograd(ns) -> None:
+    def backward(ctx, grad_out):
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        S = ctx.nstages
+        # For a list argument needs_input_grad holds a bool or one bool per element.
+        gx, gws, gbs = _mlpconv_grads(ns, ctx, grad_out, bool(need_x), _as_flags(need_w, S), _as_flags(need_b, S))
+        grads = (gx, _list_grads(need_w, gws), _list_grads(need_b, gbs), None, None, None)
         # One entry per input the op actually received: torch 2.11's dispatcher drops `gap` when
         # it equals its default, and its tensor-list autograd then rejects a 6th gradient.
         return grads[: len(ctx.needs_input_grad)]
 
-    torch.library.register_autograd(ns.mlpconv.default, backward, setup_context=setup_context)
+    torch.library.register_autograd(ns.mlpconv.default, backward, setup_context=_mlpconv_setup_context)
     _refuse_double_backward(ns.mlpconv_backward.default, "mlpconv", "mlpconv")
 
 

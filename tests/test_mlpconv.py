@@ -459,6 +459,34 @@ def test_output_mask(backend_device, need_x, need_w, need_b, stages):
     run_case(x, ws, bs, (1, 1), (1, 1), need_x=need_x, need_w=need_w, need_b=need_b)
 
 
+@pytest.mark.parametrize("frozen", ["weights", "biases", "all-params", "one-weight"])
+def test_backward_kernel_asked_only_for_needed_grads(backend_device, monkeypatch, frozen):
+    """The mask handed to the backward kernel follows requires_grad: a frozen layer (fine-tuning,
+    an input gradient for a saliency map) costs no weight-gradient products. needs_input_grad holds
+    one flag per element of a list argument; the mask must be their any(), not the list's truth."""
+    backend, device = backend_device
+    ns = _ns(backend)
+    masks = []
+    real = ns.mlpconv_backward
+
+    def spy(*args):
+        masks.append(list(args[-1]))
+        return real(*args)
+
+    monkeypatch.setattr(ns, "mlpconv_backward", spy)
+    x = make_x(2, 3, 6, 7, device).requires_grad_()
+    ws, bs = make_params(3, [6, 5], (3, 3), device)
+    for t in [*ws, *bs]:
+        t.requires_grad_()
+    for t in {"weights": ws, "biases": bs, "all-params": ws + bs, "one-weight": ws[:1]}[frozen]:
+        t.requires_grad_(False)
+    y = fastnin.ops.mlpconv(x, ws, bs, 1, 1)
+    grads = grads_of(y, [x, *ws, *bs], torch.ones_like(y))
+    want = [True, frozen in ("biases", "one-weight"), frozen in ("weights", "one-weight")]
+    assert masks == [want]
+    assert [g is not None for g in grads] == [t.requires_grad for t in [x, *ws, *bs]]
+
+
 def _ns(backend):
     if backend == "triton":
         fastnin._backend.load_triton()
