@@ -156,11 +156,14 @@ def _interpreter_problem() -> str | None:
             acc += 1
         tl.store(out_ptr, acc)
 
-    out = torch.zeros(1, dtype=torch.int32)
-    try:
-        _loop_probe[(1,)](out, 3)
-    except Exception as e:  # triton's InterpreterError wraps numpy's TypeError
-        return f"{type(e).__name__}: {e}"
+    # Outside any torch.func transform (the first Triton op may come under one): there a factory
+    # function returns a functorch wrapper, whose storage the interpreter cannot read.
+    with torch._C._DisableFuncTorch():
+        out = torch.zeros(1, dtype=torch.int32)
+        try:
+            _loop_probe[(1,)](out, 3)
+        except Exception as e:  # triton's InterpreterError wraps numpy's TypeError
+            return f"{type(e).__name__}: {e}"
     return None if int(out) == 3 else f"a 3-step loop counted {int(out)}"
 
 

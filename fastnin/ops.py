@@ -308,6 +308,14 @@ def _warn_traced_as_composition() -> None:
     )
 
 
+def _op_namespace(backend: str):
+    """The ops of a native backend: torch.ops.fastnin (CPU and CUDA kernels) or fastnin_triton."""
+    if backend == "triton":
+        load_triton()
+        return torch.ops.fastnin_triton
+    return torch.ops.fastnin
+
+
 def mlpconv(
     x: Tensor,
     weights: Sequence[Tensor],
@@ -347,10 +355,10 @@ def mlpconv(
     if backend == "torch":
         return reference.mlpconv(x, weights, biases, stride, padding, gap)
     biases = _fill_missing_biases(biases, weights)
-    if backend == "triton":
-        load_triton()
-        return torch.ops.fastnin_triton.mlpconv(x, weights, biases, list(stride), list(padding), gap)
-    return torch.ops.fastnin.mlpconv(x, weights, biases, list(stride), list(padding), gap)
+    ns = _op_namespace(backend)
+    if _under_grad_transform("mlpconv"):
+        return _FuncMlpconv.apply(ns, list(stride), list(padding), gap, len(weights), x, *weights, *biases)
+    return ns.mlpconv(x, weights, biases, list(stride), list(padding), gap)
 
 
 def local_response_norm(x: Tensor, size: int, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0) -> Tensor:
@@ -369,10 +377,10 @@ def local_response_norm(x: Tensor, size: int, alpha: float = 1e-4, beta: float =
     backend = backend_for(x, "local_response_norm")
     if backend == "torch":
         return reference.local_response_norm(x, size, alpha, beta, k)
-    if backend == "triton":
-        load_triton()
-        return torch.ops.fastnin_triton.lrn(x, size, float(alpha), float(beta), float(k))
-    return torch.ops.fastnin.lrn(x, size, float(alpha), float(beta), float(k))
+    ns = _op_namespace(backend)
+    if _under_grad_transform("local_response_norm"):
+        return _FuncLrn.apply(ns, x, size, float(alpha), float(beta), float(k))
+    return ns.lrn(x, size, float(alpha), float(beta), float(k))
 
 
 def global_avg_pool2d(x: Tensor) -> Tensor:
@@ -382,10 +390,10 @@ def global_avg_pool2d(x: Tensor) -> Tensor:
     backend = backend_for(x, "global_avg_pool2d")
     if backend == "torch":
         return reference.global_avg_pool2d(x)
-    if backend == "triton":
-        load_triton()
-        return torch.ops.fastnin_triton.gap(x)
-    return torch.ops.fastnin.gap(x)
+    ns = _op_namespace(backend)
+    if _under_grad_transform("global_avg_pool2d"):
+        return _FuncGap.apply(ns, x)
+    return ns.gap(x)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -409,20 +417,45 @@ def _as_flags(needs, n: int) -> list[bool]:
     return [bool(needs)] * n
 
 
+def _not_differentiable(t: Tensor) -> bool:
+    # functorch's level -2 marks a dead wrapper (torch/csrc/functorch: maybe_get_level); its
+    # requires_grad is True, but operations on it record no graph.
+    return not t.requires_grad or torch._C._functorch.maybe_get_level(t) == -2
+
+
 def _reference_grads(compute, tensors: list, needs: list[bool], grad_out: Tensor) -> list:
-    """The gradients of compute() (the plain torch composition of the saved inputs) for the
+    """The gradients of compute(*tensors) (the plain torch composition of the saved inputs) for the
     tensors whose flag is set, themselves differentiable (create_graph=True).
 
-    Why: a backward run with create_graph=True (a gradient penalty, higher-order derivatives) must
-    return gradients that autograd can differentiate again, and the fused backward kernels have no
-    derivative of their own. There the gradients are computed by differentiating the plain torch
-    composition instead, at eager speed, from the saved inputs, which carry their graph. Ordinary
-    backwards (create_graph=False, and torch.compile's traced backward) run with grad mode off and
-    never come here."""
-    wanted = [t for t, n in zip(tensors, needs) if n]
-    with torch.enable_grad():
-        out = compute()
-    got = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=True, allow_unused=True))
+    Why: a backward run with create_graph=True (a gradient penalty, higher-order derivatives,
+    torch.func's transforms) must return gradients that autograd can differentiate again, and the
+    fused backward kernels have no derivative of their own. There the gradients are computed by
+    differentiating the plain torch composition instead, at eager speed, from the saved inputs,
+    which carry their graph. Ordinary backwards (create_graph=False, and torch.compile's traced
+    backward) run with grad mode off and never come here.
+
+    A wanted tensor that autograd cannot differentiate through (one that does not require grad;
+    a torch.func.grad wrapper whose transform has exited, as the saved inputs are when jacrev
+    calls the function torch.func.vjp returned, under its vmap) sends the whole computation
+    through torch.func.vjp instead, which needs no requires_grad (and a leaf made with
+    requires_grad_() is refused under a torch.func transform). Its result is differentiable again
+    by torch.func and autograd alike."""
+    if any(n and _not_differentiable(t) for t, n in zip(tensors, needs)):
+        idx = [i for i, n in enumerate(needs) if n]
+
+        def of_wanted(*wanted):
+            full = list(tensors)
+            for i, t in zip(idx, wanted):
+                full[i] = t
+            return compute(*full)
+
+        _, vjp_fn = torch.func.vjp(of_wanted, *[tensors[i] for i in idx])
+        got = iter(vjp_fn(grad_out))
+    else:
+        wanted = [t for t, n in zip(tensors, needs) if n]
+        with torch.enable_grad():
+            out = compute(*tensors)
+        got = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=True, allow_unused=True))
     grads = []
     for t, n in zip(tensors, needs):
         g = next(got) if n else None
@@ -465,7 +498,7 @@ def _mlpconv_grads(ns, ctx, grad_out, need_x: bool, need_w: list[bool], need_b: 
     need_b = [n and b is not None for n, b in zip(need_b, biases)]
     if torch.is_grad_enabled():  # create_graph=True: differentiable gradients
         g = _reference_grads(
-            lambda: reference.mlpconv(x, weights, biases, ctx.stride, ctx.padding, ctx.gap),
+            lambda x, *p: reference.mlpconv(x, p[:S], p[S:], ctx.stride, ctx.padding, ctx.gap),
             [x, *weights, *biases], [need_x, *need_w, *need_b], grad_out,
         )
         gx, gws, gbs = g[0], g[1 : S + 1], g[S + 1 :]
@@ -500,35 +533,40 @@ def register_mlpconv_autograd(ns) -> None:
     _refuse_double_backward(ns.mlpconv_backward.default, "mlpconv", "mlpconv")
 
 
+def _lrn_setup_context(ctx, inputs, output):
+    x, size, alpha, beta, k = inputs
+    ctx.args = (size, alpha, beta, k)
+    ctx.save_for_backward(x)
+
+
+def _lrn_grad(ns, ctx, grad_out):
+    (x,) = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True: differentiable gradients
+        (gx,) = _reference_grads(lambda x: reference.local_response_norm(x, *ctx.args), [x], [True], grad_out)
+        return gx
+    return ns.lrn_backward(grad_out, x, *ctx.args)
+
+
 def register_lrn_autograd(ns) -> None:
-    def setup_context(ctx, inputs, output):
-        x, size, alpha, beta, k = inputs
-        ctx.args = (size, alpha, beta, k)
-        ctx.save_for_backward(x)
-
     def backward(ctx, grad_out):
-        (x,) = ctx.saved_tensors
-        if not ctx.needs_input_grad[0]:
-            return None, None, None, None, None
-        if torch.is_grad_enabled():  # create_graph=True: differentiable gradients
-            (gx,) = _reference_grads(lambda: reference.local_response_norm(x, *ctx.args), [x], [True], grad_out)
-            return gx, None, None, None, None
-        return ns.lrn_backward(grad_out, x, *ctx.args), None, None, None, None
+        gx = _lrn_grad(ns, ctx, grad_out) if ctx.needs_input_grad[0] else None
+        return gx, None, None, None, None
 
-    torch.library.register_autograd(ns.lrn.default, backward, setup_context=setup_context)
+    torch.library.register_autograd(ns.lrn.default, backward, setup_context=_lrn_setup_context)
     _refuse_double_backward(ns.lrn_backward.default, "lrn", "local_response_norm")
 
 
-def register_gap_autograd(ns) -> None:
-    def setup_context(ctx, inputs, output):
-        (x,) = inputs
-        ctx.input_size = list(x.shape)
-        ctx.channels_last = suggest_memory_format(x) == torch.channels_last
+def _gap_setup_context(ctx, inputs, output):
+    (x,) = inputs
+    ctx.input_size = list(x.shape)
+    ctx.channels_last = suggest_memory_format(x) == torch.channels_last
 
+
+def register_gap_autograd(ns) -> None:
     def backward(ctx, grad_out):
         return ns.gap_backward(grad_out, ctx.input_size, ctx.channels_last)
 
-    torch.library.register_autograd(ns.gap.default, backward, setup_context=setup_context)
+    torch.library.register_autograd(ns.gap.default, backward, setup_context=_gap_setup_context)
 
     # gap_backward is linear in grad_out (grad_out[n, c] / (H * W) at every pixel): its own
     # gradient is the mean over H and W of the incoming one, i.e. gap again. So GAP is
@@ -539,6 +577,102 @@ def register_gap_autograd(ns) -> None:
     torch.library.register_autograd(
         ns.gap_backward.default, backward_of_backward, setup_context=lambda ctx, inputs, output: None
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.func's reverse-mode transforms: grad, vjp, jacrev, and vmap over them (per-example
+# gradients). torch's register_autograd ties an op to an autograd.Function that has no
+# setup_context staticmethod, which functorch refuses ("must override the setup_context
+# staticmethod"; pytorch/pytorch#168393, #179652, open). So under such a transform the public
+# functions apply these Functions instead: the same forward op, setup_context and gradients.
+# Everywhere else (plain autograd, torch.compile, torch.func.vmap alone) the ops' own
+# registration runs. functorch differentiates with create_graph=True, so the gradients there come
+# from the plain torch composition (_reference_grads): eager speed, differentiable again
+# (grad of grad, hessian-vector products by double vjp).
+# ----------------------------------------------------------------------------------------------
+
+
+def _under_grad_transform(op: str) -> bool:
+    """Whether a torch.func reverse-mode transform is in force around this call. Forward mode
+    (jvp, jacfwd, hessian) raises: the kernels have no forward derivative. Under torch.compile
+    False: Dynamo traces torch.func itself."""
+    if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is None:
+        return False
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    kinds = {i.key() for i in retrieve_all_functorch_interpreters()}
+    if TransformType.Jvp in kinds:
+        raise NotImplementedError(
+            f"fastnin.ops.{op}: forward-mode differentiation (torch.func.jvp, jacfwd, hessian) is not "
+            "supported by its kernels; use reverse mode (torch.func.grad, vjp, jacrev), or "
+            "fastnin.use_backend('torch') for the plain torch composition"
+        )
+    return TransformType.Grad in kinds
+
+
+class _FuncMlpconv(torch.autograd.Function):
+    """mlpconv for torch.func: the tensor lists flattened into the arguments (an autograd.Function
+    tracks only tensors passed directly): apply(ns, stride, padding, gap, nstages, x, *weights,
+    *biases)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(ns, stride, padding, gap, nstages, x, *params):
+        return ns.mlpconv(x, list(params[:nstages]), list(params[nstages:]), stride, padding, gap)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ns, stride, padding, gap, nstages, x, *params = inputs
+        ctx.ns = ns
+        _mlpconv_setup_context(ctx, (x, params[:nstages], params[nstages:], stride, padding, gap), output)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        S = ctx.nstages
+        need = [bool(n) for n in ctx.needs_input_grad[5:]]
+        gx, gws, gbs = _mlpconv_grads(ctx.ns, ctx, grad_out, need[0], need[1 : S + 1], need[S + 1 :])
+        return (None, None, None, None, None, gx, *gws, *gbs)
+
+
+class _FuncLrn(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(ns, x, size, alpha, beta, k):
+        return ns.lrn(x, size, alpha, beta, k)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ns, *args = inputs
+        ctx.ns = ns
+        _lrn_setup_context(ctx, args, output)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        gx = _lrn_grad(ctx.ns, ctx, grad_out) if ctx.needs_input_grad[1] else None
+        return None, gx, None, None, None, None
+
+
+class _FuncGap(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(ns, x):
+        return ns.gap(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.ns = inputs[0]
+        _gap_setup_context(ctx, inputs[1:], output)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if torch.is_grad_enabled():  # differentiable: grad_out[n, c] / (H * W) at every pixel
+            n, c, h, w = ctx.input_size
+            return None, (grad_out / (h * w))[:, :, None, None].expand(n, c, h, w)
+        return None, ctx.ns.gap_backward(grad_out, ctx.input_size, ctx.channels_last)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -624,9 +758,46 @@ def register_vmap_rules(ns) -> None:
     def gap_vmap(info, in_dims, x):
         return _unfold(ns.gap(_fold(x, in_dims[0])), info.batch_size), 0
 
+    # The backward ops meet vmap where a torch.func transform differentiates a fastnin op (jacrev,
+    # per-example gradients: vmap over a vjp; see _FuncMlpconv below) with grad mode off.
+    def mlpconv_backward_vmap(info, in_dims, grad_out, x, weights, biases, out, stride, padding, gap, output_mask):
+        # One call per example: the weight gradients are per example, not summed over a folded N.
+        dims = [in_dims[0], in_dims[1], in_dims[2] or [None] * len(weights), in_dims[3] or [None] * len(biases), in_dims[4]]
+
+        def pick(t, d, i):
+            return t if t is None or d is None else t.select(d, i)
+
+        results = [
+            ns.mlpconv_backward(
+                pick(grad_out, dims[0], i), pick(x, dims[1], i),
+                [pick(w, d, i) for w, d in zip(weights, dims[2])], [pick(b, d, i) for b, d in zip(biases, dims[3])],
+                pick(out, dims[4], i), stride, padding, gap, output_mask,
+            )
+            for i in range(info.batch_size)
+        ]
+        gx = torch.stack([r[0] for r in results])
+        gws = [torch.stack(list(g)) for g in zip(*[r[1] for r in results])]
+        gbs = [torch.stack(list(g)) for g in zip(*[r[2] for r in results])]
+        return (gx, gws, gbs), (0, [0] * len(gws), [0] * len(gbs))
+
+    def lrn_backward_vmap(info, in_dims, grad_out, x, size, alpha, beta, k):
+        def folded(t, d):
+            return _fold(t if d is not None else t.expand(info.batch_size, *t.shape), 0 if d is None else d)
+
+        gx = ns.lrn_backward(folded(grad_out, in_dims[0]), folded(x, in_dims[1]), size, alpha, beta, k)
+        return _unfold(gx, info.batch_size), 0
+
+    def gap_backward_vmap(info, in_dims, grad_out, input_size, channels_last):
+        batch = info.batch_size
+        gx = ns.gap_backward(_fold(grad_out, in_dims[0]), [batch * input_size[0], *input_size[1:]], channels_last)
+        return _unfold(gx, batch), 0
+
     torch.library.register_vmap(ns.mlpconv.default, mlpconv_vmap)
     torch.library.register_vmap(ns.lrn.default, lrn_vmap)
     torch.library.register_vmap(ns.gap.default, gap_vmap)
+    torch.library.register_vmap(ns.mlpconv_backward.default, mlpconv_backward_vmap)
+    torch.library.register_vmap(ns.lrn_backward.default, lrn_backward_vmap)
+    torch.library.register_vmap(ns.gap_backward.default, gap_backward_vmap)
 
 
 register_fakes("fastnin")
