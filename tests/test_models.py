@@ -381,6 +381,51 @@ def test_nin_channels_last():
     compare_with_twin(ours, twin, x, train=False)
 
 
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_models_run_channels_last_inside(train):
+    """fastnin's own flat models carry maps in channels_last on the CPU kernels whatever the
+    input's layout (the pools between the fused blocks then see channels_last), except into a
+    Dropout in training mode, whose masks follow memory order (the same seed must drop the same
+    elements as the plain model: test_matches_twin), and not at all with channels_last weights
+    and an active Dropout."""
+    ours, _ = make_pair("nin_cifar10")
+    ours.train(train)
+    seen = []
+    for i in (1, 2):  # MaxPool2d, Dropout
+        ours[i].register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    x = torch.randn(2, 3, 8, 8)
+    ours(x)
+    assert seen == [True, not train]
+    seen.clear()
+    with fastnin.use_backend("torch"):  # not on the CPU kernels: as the plain model
+        ours(x)
+    assert seen == [False, False]
+    seen.clear()
+    ours.to(memory_format=torch.channels_last)
+    ours(x)  # channels_last weights make the first block's output channels_last anyway
+    assert seen == [True, True]
+
+
+def test_channels_last_inside_restores_a_map_output():
+    """A 4-D result of a channels_last_inside FusedSequential fed NCHW comes back NCHW (the layout
+    the plain Sequential gives, so that a caller's .view() works), one fed channels_last stays so,
+    and the values are the plain Sequential's."""
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 6, 1), nn.ReLU())
+    fused = fastnin.nn.FusedSequential(*copy.deepcopy(list(plain)))
+    fused.channels_last_inside = True
+    x = torch.randn(2, 3, 9, 10)
+    for xin in (x, x.contiguous(memory_format=torch.channels_last)):
+        y, want = fused(xin), plain(xin)
+        assert y.is_contiguous(memory_format=suggest(want))
+        assert_rel(y, want, "output")
+    assert fused(x).is_contiguous()
+
+
+def suggest(t: torch.Tensor) -> torch.memory_format:
+    return torch._prims_common.suggest_memory_format(t)
+
+
 @pytest.mark.parametrize("n", [0, 1])
 def test_nin_batch_0_and_1(n):
     ours, twin = make_pair("nin")

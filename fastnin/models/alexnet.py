@@ -24,7 +24,7 @@ def alexnet(lrn: bool = False, num_classes: int = 10, in_channels: int = 1, drop
     def norm():
         return [LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=2.0)] if lrn else []
 
-    return FusedSequential(
+    model = FusedSequential(
         nn.Conv2d(in_channels, 96, kernel_size=11, stride=4, padding=1),
         nn.ReLU(),
         *norm(),
@@ -49,3 +49,5 @@ def alexnet(lrn: bool = False, num_classes: int = 10, in_channels: int = 1, drop
         nn.Dropout(p=dropout),
         nn.Linear(4096, num_classes),
     )
+    model.channels_last_inside = True  # see FusedSequential
+    return model

@@ -33,6 +33,8 @@ class NiN(FusedSequential):
     Any input side from 67 up works (the global pool adapts).
     """
 
+    channels_last_inside = True  # see FusedSequential
+
     def __init__(self, num_classes: int = 10, in_channels: int = 1, dropout: float = 0.5):
         _check(num_classes, in_channels, dropout)
         super().__init__(
@@ -56,6 +58,8 @@ class NiNCIFAR10(FusedSequential):
       3 mlpconv(96->192->192->192, k5, p2)  4 MaxPool2d(3, 2, p1)  5 Dropout
       6 mlpconv(192->192->192->num_classes, k3, p1)  7 global average pool (8x8)  8 Flatten
     """
+
+    channels_last_inside = True  # see FusedSequential
 
     def __init__(self, num_classes: int = 10, in_channels: int = 3, dropout: float = 0.5):
         _check(num_classes, in_channels, dropout)
