@@ -20,7 +20,12 @@ import torch
 import fastnin
 import fastnin.ops as fo
 
-BLOCKS = {"cifar.b2": (96, [192, 192, 192], 5, 2, 16), "cifar.b3": (192, [192, 192, 10], 3, 1, 8)}
+# name -> (Cin, channels, kernel, padding, side, batch)
+BLOCKS = {
+    "cifar.b2": (96, [192, 192, 192], 5, 2, 16, 32),
+    "cifar.b3": (192, [192, 192, 10], 3, 1, 8, 32),
+    "nin.b3": (256, [384, 384, 384], 3, 1, 12, 4),  # the textbook NiN's block 3 at the models' batch
+}
 
 
 def alternate(fa, fb, pairs: int, warmup: int = 3) -> tuple[list[float], list[float]]:
@@ -48,8 +53,8 @@ def main(argv=None):
     print(f"weights {'fixed' if args.fixed else 'changed before every call'}, {args.pairs} pairs, "
           f"{torch.get_num_threads()} threads")
     for name in args.blocks.split(","):
-        cin, chans, k, p, hw = BLOCKS[name]
-        x = torch.randn(32, cin, hw, hw).relu()
+        cin, chans, k, p, hw, batch = BLOCKS[name]
+        x = torch.randn(batch, cin, hw, hw).relu()
         seq = torch.nn.Sequential()
         c = cin
         for i, co in enumerate(chans):
