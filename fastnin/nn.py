@@ -376,19 +376,21 @@ class FusedSequential(nn.Sequential):
         modes, other activations, BatchNorm in training mode, modules with hooks.
     Inputs that are not 4-D run every child as itself.
 
-    channels_last_inside (False here; True on fastnin's own flat models: NiN, NiNCIFAR10, AlexNet):
+    channels_last_inside (False here; True on fastnin's own models, see channels_last_inside()):
     on the CPU kernels, every 4-D map with more than one channel goes on in channels_last, and a
-    4-D result goes back to the default layout. Why: the CPU kernels work in NHWC, so an NCHW
+    4-D result goes back to the default layout (unless channels_last_restore is False: the blocks
+    nested in such a model hand their maps on as they are). Why: the CPU kernels work in NHWC, so an NCHW
     map costs a transposing copy in and out of every fused op, and torch's pools between them
     run slower in NCHW (the CIFAR-10 NiN's inference fed NCHW: 50.5 -> 34.8 ms, as when fed
-    channels_last). Dropout draws its mask in memory order, so in training mode a map this
-    converted goes back to NCHW for each Dropout child: the same seed drops the same elements as
-    in the plain model (which runs NCHW there, its weights being NCHW; with channels_last
-    weights and an active Dropout nothing is converted). Not the default for fastnin.fuse'd
+    channels_last). Dropout draws its mask in memory order, so in training mode, where the plain
+    model runs NCHW maps (its input NCHW), the map goes back to NCHW for each Dropout child: the
+    same seed drops the same elements as in the plain model (with channels_last weights and an
+    active Dropout nothing is converted: the plain model's maps turn channels_last there). Not the default for fastnin.fuse'd
     user models: a child of theirs may .view() a map, which channels_last strides refuse.
     """
 
     channels_last_inside: bool = False
+    channels_last_restore: bool = True
 
     def fastnin_plan(self, prefix: str = "") -> list[str]:
         """What forward fuses, one line per fused step (children named prefix + index), in the
@@ -401,20 +403,37 @@ class FusedSequential(nn.Sequential):
         to_cl = self.channels_last_inside and _on_cpu_kernels(x)
         if to_cl and any(_active_dropout(m) for m in mods) and _any_channels_last_weight(mods):
             to_cl = False  # the plain model's layout at its Dropout is not known here: see below
-        converted = False
+        # Whether the plain model runs NCHW maps here (its input does not suggest channels_last;
+        # one channel counts as NCHW, as torch counts it).
+        plain_nchw = to_cl and not (
+            isinstance(x, Tensor) and x.dim() == 4
+            and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        )  # fmt: skip
         for st in plan_sequential(mods):
             if to_cl and _wants_channels_last(x):
-                x, converted = x.contiguous(memory_format=torch.channels_last), True
+                x = x.contiguous(memory_format=torch.channels_last)
             if st.kind == "module" or not (isinstance(x, Tensor) and x.dim() == 4):
                 for m in mods[st.start : st.end]:
-                    if converted and _active_dropout(m):
+                    if plain_nchw and _active_dropout(m) and isinstance(x, Tensor):
                         x = x.contiguous()  # NCHW, as in the plain model: see the class docstring
                     x = m(x)
                 continue
             x = _run_step(mods, st, x)
-        if converted and isinstance(x, Tensor) and x.dim() == 4:
+        if plain_nchw and self.channels_last_restore and isinstance(x, Tensor) and x.dim() == 4:
             x = x.contiguous()
         return x
+
+
+def channels_last_inside(model: FusedSequential) -> FusedSequential:
+    """Set FusedSequential.channels_last_inside on model and on the FusedSequentials nested in it
+    (those without channels_last_restore: the map stays channels_last from block to block, and
+    only the model's own result goes back). For fastnin's models, whose children are known to
+    take any layout. Returns model."""
+    for m in model.modules():
+        if isinstance(m, FusedSequential):
+            m.channels_last_inside = True
+            m.channels_last_restore = m is model
+    return model
 
 
 def _active_dropout(m: nn.Module) -> bool:

@@ -422,6 +422,27 @@ def test_channels_last_inside_restores_a_map_output():
     assert fused(x).is_contiguous()
 
 
+def test_channels_last_inside_nested_blocks():
+    """channels_last_inside(model) (VGG, GoogLeNet): a nested block hands its channels_last map to
+    the next one as it is, and only the model's own 4-D result goes back to NCHW."""
+    torch.manual_seed(0)
+
+    def block(cin, cout):
+        return [nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
+
+    plain = nn.Sequential(nn.Sequential(*block(1, 4)), nn.Sequential(*block(4, 6)))
+    fused = fastnin.nn.channels_last_inside(
+        fastnin.nn.FusedSequential(*[fastnin.nn.FusedSequential(*copy.deepcopy(list(b))) for b in plain])
+    )
+    seen = []
+    fused[1].register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    x = torch.randn(2, 1, 12, 10)
+    y = fused(x)
+    assert seen == [True] and y.is_contiguous()
+    assert_rel(y, plain(x), "output")
+    assert not fused[0].channels_last_restore and fused.channels_last_restore
+
+
 def suggest(t: torch.Tensor) -> torch.memory_format:
     return torch._prims_common.suggest_memory_format(t)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..nn import FusedSequential, LocalResponseNorm
+from ..nn import FusedSequential, LocalResponseNorm, channels_last_inside
 
 __all__ = ["alexnet"]
 
@@ -49,5 +49,4 @@ def alexnet(lrn: bool = False, num_classes: int = 10, in_channels: int = 1, drop
         nn.Dropout(p=dropout),
         nn.Linear(4096, num_classes),
     )
-    model.channels_last_inside = True  # see FusedSequential
-    return model
+    return channels_last_inside(model)

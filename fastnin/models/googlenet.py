@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
-from ..nn import FusedSequential, GlobalAvgPool2d
+from ..nn import FusedSequential, GlobalAvgPool2d, channels_last_inside
 
 __all__ = ["Inception", "googlenet"]
 
@@ -107,4 +107,4 @@ def googlenet(num_classes: int = 10, in_channels: int = 1) -> FusedSequential:
         GlobalAvgPool2d(flatten=False),
         nn.Flatten(),
     )
-    return FusedSequential(b1, b2, b3, b4, b5, nn.Linear(1024, num_classes))
+    return channels_last_inside(FusedSequential(b1, b2, b3, b4, b5, nn.Linear(1024, num_classes)))

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from ..nn import FusedSequential
+from ..nn import FusedSequential, channels_last_inside
 
 __all__ = ["VGG11_ARCH", "vgg", "vgg11"]
 
@@ -43,7 +43,7 @@ def vgg(
         in_channels, side = out_channels, side // 2
     if side < 1:
         raise ValueError(f"vgg: input_size {input_size} is too small for {len(conv_arch)} blocks")
-    return FusedSequential(
+    return channels_last_inside(FusedSequential(
         *blocks,
         nn.Flatten(),
         nn.Linear(in_channels * side * side, hidden),
@@ -53,7 +53,7 @@ def vgg(
         nn.ReLU(),
         nn.Dropout(dropout),
         nn.Linear(hidden, num_classes),
-    )
+    ))
 
 
 def vgg11(num_classes: int = 10, in_channels: int = 1, dropout: float = 0.5) -> FusedSequential:
