@@ -10,7 +10,10 @@ from torch import Tensor, nn
 from . import ops
 from ._backend import get_backend
 
-__all__ = ["MLPConv", "nin_block", "LocalResponseNorm", "GlobalAvgPool2d", "FusedSequential", "fold_batch_norm"]
+__all__ = [
+    "MLPConv", "nin_block", "LocalResponseNorm", "GlobalAvgPool2d", "FusedSequential", "channels_last_inside",
+    "fold_batch_norm",
+]  # fmt: skip
 
 
 def _pair(v) -> tuple[int, int]:
@@ -378,15 +381,16 @@ class FusedSequential(nn.Sequential):
 
     channels_last_inside (False here; True on fastnin's own models, see channels_last_inside()):
     on the CPU kernels, every 4-D map with more than one channel goes on in channels_last, and a
-    4-D result goes back to the default layout (unless channels_last_restore is False: the blocks
-    nested in such a model hand their maps on as they are). Why: the CPU kernels work in NHWC, so an NCHW
-    map costs a transposing copy in and out of every fused op, and torch's pools between them
-    run slower in NCHW (the CIFAR-10 NiN's inference fed NCHW: 50.5 -> 34.8 ms, as when fed
-    channels_last). Dropout draws its mask in memory order, so in training mode, where the plain
-    model runs NCHW maps (its input NCHW), the map goes back to NCHW for each Dropout child: the
-    same seed drops the same elements as in the plain model (with channels_last weights and an
-    active Dropout nothing is converted: the plain model's maps turn channels_last there). Not the default for fastnin.fuse'd
-    user models: a child of theirs may .view() a map, which channels_last strides refuse.
+    4-D result goes back to NCHW where the input was NCHW (unless channels_last_restore is False:
+    the blocks nested in such a model hand their maps on as they are). Why: the CPU kernels work
+    in NHWC, so an NCHW map costs a transposing copy in and out of every fused op, and torch's
+    pools between them run slower in NCHW (the CIFAR-10 NiN's inference fed NCHW: 50.5 -> 34.8
+    ms, as when fed channels_last). Dropout draws its mask in memory order, so in training mode,
+    where the plain model runs NCHW maps (its input NCHW), the map goes back to NCHW for each
+    Dropout child: the same seed drops the same elements as in the plain model (with
+    channels_last weights and an active Dropout nothing is converted: the plain model's maps turn
+    channels_last there). Not the default for fastnin.fuse'd user models: a child of theirs may
+    .view() a map, which channels_last strides refuse.
     """
 
     channels_last_inside: bool = False

@@ -759,10 +759,11 @@ def register_vmap_rules(ns) -> None:
         return _unfold(ns.gap(_fold(x, in_dims[0])), info.batch_size), 0
 
     # The backward ops meet vmap where a torch.func transform differentiates a fastnin op (jacrev,
-    # per-example gradients: vmap over a vjp; see _FuncMlpconv below) with grad mode off.
+    # per-example gradients: vmap over a vjp; see _FuncMlpconv above) with grad mode off.
     def mlpconv_backward_vmap(info, in_dims, grad_out, x, weights, biases, out, stride, padding, gap, output_mask):
         # One call per example: the weight gradients are per example, not summed over a folded N.
-        dims = [in_dims[0], in_dims[1], in_dims[2] or [None] * len(weights), in_dims[3] or [None] * len(biases), in_dims[4]]
+        w_dims, b_dims = in_dims[2] or [None] * len(weights), in_dims[3] or [None] * len(biases)
+        dims = [in_dims[0], in_dims[1], w_dims, b_dims, in_dims[4]]
 
         def pick(t, d, i):
             return t if t is None or d is None else t.select(d, i)

@@ -392,7 +392,7 @@ def test_models_run_channels_last_inside(train):
     ours.train(train)
     seen = []
     for i in (1, 2):  # MaxPool2d, Dropout
-        ours[i].register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+        ours[i].register_forward_pre_hook(lambda m, args: seen.append(_is_cl(args[0])))
     x = torch.randn(2, 3, 8, 8)
     ours(x)
     assert seen == [True, not train]
@@ -435,12 +435,16 @@ def test_channels_last_inside_nested_blocks():
         fastnin.nn.FusedSequential(*[fastnin.nn.FusedSequential(*copy.deepcopy(list(b))) for b in plain])
     )
     seen = []
-    fused[1].register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    fused[1].register_forward_pre_hook(lambda m, args: seen.append(_is_cl(args[0])))
     x = torch.randn(2, 1, 12, 10)
     y = fused(x)
     assert seen == [True] and y.is_contiguous()
     assert_rel(y, plain(x), "output")
     assert not fused[0].channels_last_restore and fused.channels_last_restore
+
+
+def _is_cl(t: torch.Tensor) -> bool:
+    return t.is_contiguous(memory_format=torch.channels_last)
 
 
 def suggest(t: torch.Tensor) -> torch.memory_format:
