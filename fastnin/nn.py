@@ -449,7 +449,7 @@ def _any_channels_last_weight(mods: list[nn.Module]) -> bool:
 
 
 def _on_cpu_kernels(x) -> bool:
-    if not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None:
+    if ops.torch_func_transforms():
         return False  # under torch.func (vmap cannot even ask whether a map is channels_last)
     return isinstance(x, Tensor) and x.device.type == "cpu" and get_backend() in ("auto", "cpu")
 

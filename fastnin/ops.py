@@ -592,16 +592,24 @@ def register_gap_autograd(ns) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def _under_grad_transform(op: str) -> bool:
-    """Whether a torch.func reverse-mode transform is in force around this call. Forward mode
-    (jvp, jacfwd, hessian) raises: the kernels have no forward derivative. Under torch.compile
-    False: Dynamo traces torch.func itself."""
+def torch_func_transforms() -> set:
+    """The kinds (torch._C._functorch.TransformType) of the torch.func transforms in force around
+    this call; empty without any, and under torch.compile, where Dynamo traces torch.func itself."""
     if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is None:
-        return False
-    from torch._C._functorch import TransformType
+        return set()
     from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
-    kinds = {i.key() for i in retrieve_all_functorch_interpreters()}
+    return {i.key() for i in retrieve_all_functorch_interpreters()}
+
+
+def _under_grad_transform(op: str) -> bool:
+    """Whether a torch.func reverse-mode transform is in force around this call. Forward mode
+    (jvp, jacfwd, hessian) raises: the kernels have no forward derivative."""
+    kinds = torch_func_transforms()
+    if not kinds:
+        return False
+    from torch._C._functorch import TransformType
+
     if TransformType.Jvp in kinds:
         raise NotImplementedError(
             f"fastnin.ops.{op}: forward-mode differentiation (torch.func.jvp, jacfwd, hessian) is not "
@@ -669,7 +677,9 @@ class _FuncGap(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        if torch.is_grad_enabled():  # differentiable: grad_out[n, c] / (H * W) at every pixel
+        if torch.is_grad_enabled():
+            # Differentiable again: grad_out[n, c] / (H * W) at every pixel, in torch ops, since
+            # gap_backward's own derivative is a register_autograd one, which functorch refuses.
             n, c, h, w = ctx.input_size
             return None, (grad_out / (h * w))[:, :, None, None].expand(n, c, h, w)
         return None, ctx.ns.gap_backward(grad_out, ctx.input_size, ctx.channels_last)
