@@ -163,6 +163,57 @@ FASTNIN_INLINE void gap_cl_impl(const T* __restrict x, T* __restrict out, int64_
   for (int64_t c = 0; c < cb; ++c) o[c] = static_cast<T>(total[c] / static_cast<A>(L));
 }
 
+// channels_last, fp32: gap_cl_impl's sums (the same blocks of kPixBlock pixels, so the same
+// results) with the block and total sums of a chunk of W vectors of 16 channels held in registers.
+// gap_cl_impl keeps them in an array: two loads and a store per 16 channels a pixel, where this
+// does one load; on a 2-core AMD EPYC (Zen 4) its 64x384x13x13 forward took 0.17 ms against torch
+// NCHW's 0.13 ms.
+template <int W>
+FASTNIN_INLINE void gap_cl_chunk_f32(const float* __restrict xn, float* __restrict o, int64_t C, int64_t L,
+                                     float* __restrict total) {
+  for (int w = 0; w < W; ++w) {
+    const v16f z = {};
+    std::memcpy(total + 16 * w, &z, 64);
+  }
+  for (int64_t p0 = 0; p0 < L; p0 += kPixBlock) {
+    const int64_t p1 = std::min(L, p0 + kPixBlock);
+    v16f blk[W] = {};
+    for (int64_t p = p0; p < p1; ++p) {
+      const float* row = xn + p * C;
+      for (int w = 0; w < W; ++w) {
+        v16f u;
+        std::memcpy(&u, row + 16 * w, 64);
+        blk[w] += u;
+      }
+    }
+    for (int w = 0; w < W; ++w) {
+      v16f t;
+      std::memcpy(&t, total + 16 * w, 64);
+      t += blk[w];
+      std::memcpy(total + 16 * w, &t, 64);
+    }
+  }
+  const float len = static_cast<float>(L);
+  for (int w = 0; w < W; ++w) {
+    v16f t;
+    std::memcpy(&t, total + 16 * w, 64);
+    const v16f m = t / len;
+    std::memcpy(o + 16 * w, &m, 64);
+  }
+}
+
+FASTNIN_INLINE void gap_cl_f32(const float* __restrict x, float* __restrict out, int64_t C, int64_t L, int64_t n,
+                               int64_t c0, int64_t cb, float* __restrict acc) {
+  const float* xn = x + n * L * C + c0;
+  float* o = out + n * C + c0;
+  int64_t c = 0;
+  for (; c + 128 <= cb; c += 128) gap_cl_chunk_f32<8>(xn + c, o + c, C, L, acc);
+  for (; c + 64 <= cb; c += 64) gap_cl_chunk_f32<4>(xn + c, o + c, C, L, acc);
+  for (; c + 16 <= cb; c += 16) gap_cl_chunk_f32<1>(xn + c, o + c, C, L, acc);
+  // Fewer than 16 channels left: the array version on them (its sums are the same).
+  if (c < cb) gap_cl_impl<float>(x, out, C, L, n, c0 + c, cb - c, acc);
+}
+
 // grad_x rows [r0, r1) of L elements (contiguous layout): row r = n * C + c gets g[n, c] / L.
 template <typename T>
 FASTNIN_INLINE void gap_bwd_rows_impl(const T* __restrict g, int64_t gs0, int64_t gs1, T* __restrict gx, int64_t C,
@@ -216,7 +267,7 @@ FASTNIN_CLONES void gap_rows<float>(const float* x, float* out, int64_t L, int64
 template <>
 FASTNIN_CLONES void gap_cl<float>(const float* x, float* out, int64_t C, int64_t L, int64_t n, int64_t c0,
                                   int64_t cb, float* acc) {
-  gap_cl_impl(x, out, C, L, n, c0, cb, acc);
+  gap_cl_f32(x, out, C, L, n, c0, cb, acc);
 }
 template <>
 FASTNIN_CLONES void gap_bwd_rows<float>(const float* g, int64_t gs0, int64_t gs1, float* gx, int64_t C, int64_t L,
