@@ -82,6 +82,17 @@ using fastnin::cpu::gemm_rm;
 using fastnin::cpu::Winograd;
 using fastnin::cpu::WinoWork;
 
+// Weight gradients in the backward: per tile, products g^T a of at most kWgradRows rows, summed
+// in double, so the float error of a weight gradient is that of a sum over this many rows, not
+// over N * Ho * Wo. A stage whose weight has at most kWgradDoubleMax elements multiplies in
+// double too (dgemm on the tile's rows converted): at most that many multiply-adds per pixel,
+// noise beside its other stages, and its gradient then carries only the rounding of its float
+// inputs. Measured on an AMD EPYC (Zen 4): a [3, 4] last stage over 32 rows came out 2.9 ulp of
+// its largest value off in float (8.6e-7 at 3.05; torch's oneDNN: 2.1e-7, 0.7 ulp), the same
+// float inputs multiplied in double 2.8e-7.
+constexpr int64_t kWgradRows = 256;
+constexpr int64_t kWgradDoubleMax = 4096;
+
 // ---------------------------------------------------------------------------------------------
 // Pointwise pieces of a tile. The generic bodies are always_inline templates; the float versions
 // are leaf functions compiled for AVX-512 / AVX2 / baseline and picked at load time
@@ -143,6 +154,17 @@ FASTNIN_INLINE void colsum_add_impl(const T* __restrict g, int64_t rows, int64_t
 }
 
 
+// acc[i] += p[i], in double: a tile's weight-gradient product added into the running total.
+template <typename T>
+FASTNIN_INLINE void add_wide_impl(const T* __restrict p, int64_t n, double* __restrict acc) {
+  for (int64_t i = 0; i < n; ++i) acc[i] += static_cast<double>(p[i]);
+}
+
+template <typename T>
+inline void add_wide(const T* p, int64_t n, double* acc) {
+  add_wide_impl(p, n, acc);
+}
+
 template <typename T>
 inline void bias_relu(T* z, int64_t rows, int64_t C, int64_t ld, const T* bias) {
   bias_relu_impl(z, rows, C, ld, bias);
@@ -172,6 +194,10 @@ template <>
 FASTNIN_CLONES void masked_grad<float>(float* g, const float* go, int64_t gstride, const float* h, int64_t rows,
                                        int64_t C, float scale) {
   masked_grad_impl(g, go, gstride, h, rows, C, scale);
+}
+template <>
+FASTNIN_CLONES void add_wide<float>(const float* p, int64_t n, double* acc) {
+  add_wide_impl(p, n, acc);
 }
 template <>
 FASTNIN_CLONES void colsum_add<float>(const float* g, int64_t rows, int64_t C, int64_t ld, double* acc) {
@@ -261,21 +287,26 @@ bool all_finite(const at::Tensor& t_in) {
   return ok.load();
 }
 
-// The first stage's algorithm: Winograd (winograd.h) where the stride is 1, the kernel at least
-// 3x3, Cin >= 16 (below that the stage is memory-bound: the CIFAR NiN's 5x5 3->192 first block
+// The first stage's algorithm: Winograd (winograd.h) where the stride is 1, the kernel 3x3 or
+// 5x5, Cin >= 16 (below that the stage is memory-bound: the CIFAR NiN's 5x5 3->192 first block
 // ran no faster) and the call has >= 1024 output pixels (below that the transformed weight, 16/9
 // the weight's size, costs more than the multiplies saved), im2col + GEMM elsewhere. Measured
 // with python -m fastnin.bench --batch B, 2 threads, forced either way: CIFAR block 3 (3x3
 // 192->192) at 1024 pixels fwd 1.04x vs im2col's 0.76x of eager, fwd+bwd 0.82x vs 0.66x; at 512
 // pixels Winograd lost (0.71x vs 0.75x fwd); block 2 (5x5 96->192) at 1024 pixels 0.81x vs 0.73x
 // fwd. FASTNIN_CPU_CONV=im2col or winograd forces one where it applies; the tests run both.
+// Other kernel sizes split into 3x3 sub-kernels (any size works, forced) but are not chosen: in
+// fp32 their rounding error is not always within 2x torch's (the tests' rule). Forced, over 12
+// seeds x 2 layouts of a small 2-stage layer (AMD EPYC, torch's oneDNN as the yardstick): 2x2
+// 6 of 24 cases above it, 4x4 and 7x7 2 of 24, 3x3 and 5x5 none (Cin 5 and 32).
 // Winograd needs stride 1, a kernel other than 1x1, and finite x,
 // weight (and grad_out in the backward): its transforms mix neighbouring pixels, so an Inf would
 // meet -Inf (NaN) or reach outputs whose receptive field does not hold it, unlike torch's
 // convolution. The check is one pass over those tensors (all_finite, in the compute type).
 bool use_winograd(const MlpconvShape& s, const at::Tensor& x, const at::Tensor& w0,
                   const at::Tensor& grad_out = at::Tensor()) {
-  bool wanted = s.kh >= 3 && s.kw >= 3 && s.Cin >= 16 && s.N * s.Ho * s.Wo >= 1024;
+  const bool k35 = s.kh == s.kw && (s.kh == 3 || s.kh == 5);
+  bool wanted = k35 && s.Cin >= 16 && s.N * s.Ho * s.Wo >= 1024;
   const char* env = std::getenv("FASTNIN_CPU_CONV");
   if (env != nullptr && *env != '\0') {
     const std::string v(env);
@@ -657,7 +688,19 @@ void mlpconv_backward_impl(const MlpconvShape& s, const at::Tensor& grad_out, co
   std::vector<acc_t> gw_own;
   acc_t* const gw_acc = need_w ? fastnin::cpu::kept_or_own(gw_store, gw_own, nchunks * wsize) : nullptr;
   const int64_t wlo = wino ? woff[0] + s.C[0] * prm.Kin[0] : 0;  // the accumulated part: [wlo, wsize)
-  for (int64_t c = 0; need_w && c < nchunks; ++c) std::fill(gw_acc + c * wsize + wlo, gw_acc + (c + 1) * wsize, acc_t(0));
+  // The accumulated part sums in double, per chunk ([nchunks][wsize - wlo]): each tile's product
+  // g^T a over at most kWgradRows rows is rounded once to acc_t and added there. A float running
+  // sum (MKL's beta = 1 over all the tiles, or one GEMM over all the rows) grows its error with
+  // the row count: on an AMD EPYC (Zen 4), whose MKL kernels accumulate differently from the
+  // Xeon's, a 1x1 weight gradient over 1125 rows came out 2.9e-6 against torch's 8.6e-7 (one
+  // fp32 GEMM over them all: 2.1e-6; products of <= 250 rows summed in double: 7-8e-7).
+  const int64_t wlen = wsize - wlo;
+  static thread_local std::vector<double> gw64_store;
+  std::vector<double> gw64_own;
+  double* const gw64 = need_w ? fastnin::cpu::kept_or_own(gw64_store, gw64_own, nchunks * wlen) : nullptr;
+  if (need_w) std::fill_n(gw64, nchunks * wlen, 0.0);
+  int64_t wprod = 0;  // the largest C_i * Kin_i among the accumulated stages: a tile product's size
+  for (int64_t i = wino ? 1 : 0; i < S; ++i) wprod = std::max(wprod, s.C[i] * prm.Kin[i]);
   std::vector<double> gb_acc(need_b ? nchunks * bsize : 0, 0.0);
   // Winograd: stage 0's weight gradient accumulates in the transformed domain, per chunk.
   const int64_t usize = wino && need_w ? winop->u_size() : 0;
@@ -670,7 +713,8 @@ void mlpconv_backward_impl(const MlpconvShape& s, const at::Tensor& grad_out, co
 
   at::parallel_for(0, nchunks, 1, [&](int64_t cb, int64_t ce) {
     const int64_t T = tl.max_rows();
-    static thread_local std::vector<acc_t> Pv, Hv, Gv0, Gv1, GPv, Ov;  // kept from call to call (see the forward)
+    static thread_local std::vector<acc_t> Pv, Hv, Gv0, Gv1, GPv, Ov, Wv;  // kept from call to call (see the forward)
+    static thread_local std::vector<double> Gdv, Adv;  // a row block of g and a_i in double (small stages)
     static thread_local WinoWork<acc_t> wk;
     acc_t* P = need_P && !pointwise && !wino ? buf(Pv, T * K) : nullptr;
     // h_1 .. h_{S-1} (and h_S when recomputed), each [T, C_s]
@@ -678,9 +722,10 @@ void mlpconv_backward_impl(const MlpconvShape& s, const at::Tensor& grad_out, co
     acc_t* G0 = buf(Gv0, T * Cmax);
     acc_t* G1 = buf(Gv1, T * Cmax);
     acc_t* Ot = out_nchw ? buf(Ov, T * Cout) : nullptr;  // the tile's rows of an NCHW `out`
+    acc_t* Wt = need_w ? buf(Wv, wprod) : nullptr;      // one tile product of a weight gradient
     // gP: reuses P's buffer once gW_0 is done, or its own when P is not needed
     for (int64_t c = cb; c < ce; ++c) {
-      acc_t* gw = need_w ? gw_acc + c * wsize : nullptr;
+      double* gw = need_w ? gw64 + c * wlen - wlo : nullptr;  // indexed by woff[i] (>= wlo)
       double* gb = need_b ? gb_acc.data() + c * bsize : nullptr;
       acc_t* gx = need_x ? gx_acc.data_ptr<acc_t>() + (shared_gx || gx_direct ? 0 : c * xnumel) : nullptr;
       if (usize > 0 && bounds[c] == bounds[c + 1]) std::fill_n(dU_acc + c * usize, usize, acc_t(0));  // no items
@@ -746,8 +791,24 @@ void mlpconv_backward_impl(const MlpconvShape& s, const at::Tensor& grad_out, co
             break;
           }
           if (need_w) {
-            // gW_i[C, Kin] += g^T a_i
-            gemm_rm<acc_t>(true, false, C, Kin, rows, g, C, a[i], Kin, acc_t(1), gw + woff[i], Kin);
+            // gW_i[C, Kin] += g^T a_i, a product per kWgradRows rows added in double (above)
+            for (int64_t r0 = 0; r0 < rows; r0 += kWgradRows) {
+              const int64_t rr = std::min(kWgradRows, rows - r0);
+              const acc_t* gr = g + r0 * C;
+              const acc_t* ar = a[i] + r0 * Kin;
+              if constexpr (std::is_same_v<acc_t, double>) {
+                gemm_rm<double>(true, false, C, Kin, rr, gr, C, ar, Kin, 1.0, gw + woff[i], Kin);
+              } else if (C * Kin <= kWgradDoubleMax) {
+                double* gd = buf(Gdv, rr * C);
+                double* ad = buf(Adv, rr * Kin);
+                std::copy_n(gr, rr * C, gd);
+                std::copy_n(ar, rr * Kin, ad);
+                gemm_rm<double>(true, false, C, Kin, rr, gd, C, ad, Kin, 1.0, gw + woff[i], Kin);
+              } else {
+                gemm_rm<acc_t>(true, false, C, Kin, rr, gr, C, ar, Kin, acc_t(0), Wt, Kin);
+                add_wide(Wt, C * Kin, gw + woff[i]);
+              }
+            }
           }
           if (i > 0) {
             // g_i = (g W_i) * (h_i > 0)
@@ -766,7 +827,8 @@ void mlpconv_backward_impl(const MlpconvShape& s, const at::Tensor& grad_out, co
 
   // Reduce the per-chunk accumulators in chunk order and write the results.
   if (need_w) {
-    sum_chunks(gw_acc + wlo, nchunks, wsize - wlo, wsize);
+    sum_chunks(gw64, nchunks, wlen);
+    std::copy_n(gw64, wlen, gw_acc + wlo);  // rounded once to acc_t
     // Winograd writes stage 0's kernel gradient straight into grad_w[0] where that has the
     // compute type (its permuting copy below took 0.3 ms on CIFAR block 2), else into gw_acc's
     // [K1][kh][kw][Cin] block for the converting copy.
