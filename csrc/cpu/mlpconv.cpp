@@ -82,16 +82,20 @@ using fastnin::cpu::gemm_rm;
 using fastnin::cpu::Winograd;
 using fastnin::cpu::WinoWork;
 
-// Weight gradients in the backward: per tile, products g^T a of at most kWgradRows rows, summed
-// in double, so the float error of a weight gradient is that of a sum over this many rows, not
-// over N * Ho * Wo. A stage whose weight has at most kWgradDoubleMax elements multiplies in
-// double too (dgemm on the tile's rows converted): at most that many multiply-adds per pixel,
-// noise beside its other stages, and its gradient then carries only the rounding of its float
-// inputs. Measured on an AMD EPYC (Zen 4): a [3, 4] last stage over 32 rows came out 2.9 ulp of
-// its largest value off in float (8.6e-7 at 3.05; torch's oneDNN: 2.1e-7, 0.7 ulp), the same
-// float inputs multiplied in double 2.8e-7.
-constexpr int64_t kWgradRows = 256;
-constexpr int64_t kWgradDoubleMax = 4096;
+// Weight gradients in the backward: per tile, products g^T a of at most kWgradRows rows (in
+// practice one per tile: tiles hold at most 512 pixels, weight-heavy calls' single tile at most
+// 2048), summed in double, so the float error of a weight gradient is that of a sum over one
+// tile's rows, not over N * Ho * Wo. A call with one tile and one thread (the weight-heavy calls)
+// has one product per stage, which MKL writes straight into the result: a double pass over a
+// weight of millions of elements, in a fresh vector beyond what a thread keeps, took ImageNet NiN
+// block 4's fwd+bwd from 83 to 107 ms (AMD EPYC, 2 threads). A stage whose weight has at most
+// kWgradDoubleMax elements multiplies in double (dgemm on the tile's rows converted), so that its
+// gradient carries only the rounding of its float inputs: measured on the AMD EPYC, a [3, 4] last
+// stage over 32 rows came out 2.9 ulp of its largest value off in float (8.6e-7 at 3.05; torch's
+// oneDNN: 2.1e-7), the same float inputs multiplied in double 2.8e-7. The bound keeps NiN's own
+// stages (the smallest: 10 x 192) in float.
+constexpr int64_t kWgradRows = 2048;
+constexpr int64_t kWgradDoubleMax = 1024;
 
 // ---------------------------------------------------------------------------------------------
 // Pointwise pieces of a tile. The generic bodies are always_inline templates; the float versions
@@ -689,7 +693,8 @@ void mlpconv_backward_impl(const MlpconvShape& s, const at::Tensor& grad_out, co
   acc_t* const gw_acc = need_w ? fastnin::cpu::kept_or_own(gw_store, gw_own, nchunks * wsize) : nullptr;
   const int64_t wlo = wino ? woff[0] + s.C[0] * prm.Kin[0] : 0;  // the accumulated part: [wlo, wsize)
   // The accumulated part sums in double, per chunk ([nchunks][wsize - wlo]): each tile's product
-  // g^T a over at most kWgradRows rows is rounded once to acc_t and added there. A float running
+  // g^T a (kWgradRows above) is rounded once to acc_t and added there, the chunk's first one
+  // stored (no zeroing pass). A float running
   // sum (MKL's beta = 1 over all the tiles, or one GEMM over all the rows) grows its error with
   // the row count: on an AMD EPYC (Zen 4), whose MKL kernels accumulate differently from the
   // Xeon's, a 1x1 weight gradient over 1125 rows came out 2.9e-6 against torch's 8.6e-7 (one
@@ -697,8 +702,14 @@ void mlpconv_backward_impl(const MlpconvShape& s, const at::Tensor& grad_out, co
   const int64_t wlen = wsize - wlo;
   static thread_local std::vector<double> gw64_store;
   std::vector<double> gw64_own;
-  double* const gw64 = need_w ? fastnin::cpu::kept_or_own(gw64_store, gw64_own, nchunks * wlen) : nullptr;
-  if (need_w) std::fill_n(gw64, nchunks * wlen, 0.0);
+  // One tile, one chunk, one product a stage: each goes straight to gw_acc, and gw64 is not used
+  // (for the weight-heavy calls it would be tens of MB: beyond what a thread keeps, a fresh
+  // zeroed vector every call).
+  const bool one_product = nchunks == 1 && tl.ntiles == 1 && tl.max_rows() <= kWgradRows;
+  double* const gw64 =
+      need_w && !one_product ? fastnin::cpu::kept_or_own(gw64_store, gw64_own, nchunks * wlen) : nullptr;
+  // Whether stage i's gradient is in gw64 (double) at the end, or in gw_acc (compute type).
+  auto in_double = [&](int64_t i) { return !(wino && i == 0) && !one_product; };
   int64_t wprod = 0;  // the largest C_i * Kin_i among the accumulated stages: a tile product's size
   for (int64_t i = wino ? 1 : 0; i < S; ++i) wprod = std::max(wprod, s.C[i] * prm.Kin[i]);
   std::vector<double> gb_acc(need_b ? nchunks * bsize : 0, 0.0);
@@ -714,7 +725,7 @@ void mlpconv_backward_impl(const MlpconvShape& s, const at::Tensor& grad_out, co
   at::parallel_for(0, nchunks, 1, [&](int64_t cb, int64_t ce) {
     const int64_t T = tl.max_rows();
     static thread_local std::vector<acc_t> Pv, Hv, Gv0, Gv1, GPv, Ov, Wv;  // kept from call to call (see the forward)
-    static thread_local std::vector<double> Gdv, Adv;  // a row block of g and a_i in double (small stages)
+    static thread_local std::vector<double> Gdv, Adv, Wdv;  // g, a_i and their product in double (small stages)
     static thread_local WinoWork<acc_t> wk;
     acc_t* P = need_P && !pointwise && !wino ? buf(Pv, T * K) : nullptr;
     // h_1 .. h_{S-1} (and h_S when recomputed), each [T, C_s]
@@ -722,13 +733,14 @@ void mlpconv_backward_impl(const MlpconvShape& s, const at::Tensor& grad_out, co
     acc_t* G0 = buf(Gv0, T * Cmax);
     acc_t* G1 = buf(Gv1, T * Cmax);
     acc_t* Ot = out_nchw ? buf(Ov, T * Cout) : nullptr;  // the tile's rows of an NCHW `out`
-    acc_t* Wt = need_w ? buf(Wv, wprod) : nullptr;      // one tile product of a weight gradient
+    acc_t* Wt = need_w && !one_product ? buf(Wv, wprod) : nullptr;  // one tile product of a weight gradient
     // gP: reuses P's buffer once gW_0 is done, or its own when P is not needed
     for (int64_t c = cb; c < ce; ++c) {
-      double* gw = need_w ? gw64 + c * wlen - wlo : nullptr;  // indexed by woff[i] (>= wlo)
+      double* gw = gw64 != nullptr ? gw64 + c * wlen - wlo : nullptr;  // indexed by woff[i] (>= wlo)
       double* gb = need_b ? gb_acc.data() + c * bsize : nullptr;
       acc_t* gx = need_x ? gx_acc.data_ptr<acc_t>() + (shared_gx || gx_direct ? 0 : c * xnumel) : nullptr;
       if (usize > 0 && bounds[c] == bounds[c + 1]) std::fill_n(dU_acc + c * usize, usize, acc_t(0));  // no items
+      if (gw64 != nullptr && bounds[c] == bounds[c + 1]) std::fill_n(gw64 + c * wlen, wlen, 0.0);
       for (int64_t t = bounds[c]; t < bounds[c + 1]; ++t) {
         int64_t q0, q1;
         tl.range(t, q0, q1);
@@ -791,22 +803,37 @@ void mlpconv_backward_impl(const MlpconvShape& s, const at::Tensor& grad_out, co
             break;
           }
           if (need_w) {
-            // gW_i[C, Kin] += g^T a_i, a product per kWgradRows rows added in double (above)
+            // gW_i[C, Kin] += g^T a_i, a product per kWgradRows rows added in double (above);
+            // the chunk's first product is stored instead.
             for (int64_t r0 = 0; r0 < rows; r0 += kWgradRows) {
               const int64_t rr = std::min(kWgradRows, rows - r0);
               const acc_t* gr = g + r0 * C;
               const acc_t* ar = a[i] + r0 * Kin;
-              if constexpr (std::is_same_v<acc_t, double>) {
-                gemm_rm<double>(true, false, C, Kin, rr, gr, C, ar, Kin, 1.0, gw + woff[i], Kin);
-              } else if (C * Kin <= kWgradDoubleMax) {
+              const bool first = t == bounds[c] && r0 == 0;
+              const bool small = !std::is_same_v<acc_t, double> && C * Kin <= kWgradDoubleMax;
+              if (small) {
                 double* gd = buf(Gdv, rr * C);
                 double* ad = buf(Adv, rr * Kin);
                 std::copy_n(gr, rr * C, gd);
                 std::copy_n(ar, rr * Kin, ad);
-                gemm_rm<double>(true, false, C, Kin, rr, gd, C, ad, Kin, 1.0, gw + woff[i], Kin);
+                if (one_product) {  // the single product, rounded once into the result
+                  double* wd = buf(Wdv, C * Kin);
+                  gemm_rm<double>(true, false, C, Kin, rr, gd, C, ad, Kin, 0.0, wd, Kin);
+                  std::copy_n(wd, C * Kin, gw_acc + woff[i]);
+                } else {
+                  gemm_rm<double>(true, false, C, Kin, rr, gd, C, ad, Kin, first ? 0.0 : 1.0, gw + woff[i], Kin);
+                }
+              } else if (one_product) {  // straight into the result
+                gemm_rm<acc_t>(true, false, C, Kin, rr, gr, C, ar, Kin, acc_t(0), gw_acc + woff[i], Kin);
+              } else if constexpr (std::is_same_v<acc_t, double>) {
+                gemm_rm<double>(true, false, C, Kin, rr, gr, C, ar, Kin, first ? 0.0 : 1.0, gw + woff[i], Kin);
               } else {
                 gemm_rm<acc_t>(true, false, C, Kin, rr, gr, C, ar, Kin, acc_t(0), Wt, Kin);
-                add_wide(Wt, C * Kin, gw + woff[i]);
+                if (first) {
+                  std::copy_n(Wt, C * Kin, gw + woff[i]);
+                } else {
+                  add_wide(Wt, C * Kin, gw + woff[i]);
+                }
               }
             }
           }
@@ -827,8 +854,7 @@ void mlpconv_backward_impl(const MlpconvShape& s, const at::Tensor& grad_out, co
 
   // Reduce the per-chunk accumulators in chunk order and write the results.
   if (need_w) {
-    sum_chunks(gw64, nchunks, wlen);
-    std::copy_n(gw64, wlen, gw_acc + wlo);  // rounded once to acc_t
+    if (gw64 != nullptr) sum_chunks(gw64, nchunks, wlen);
     // Winograd writes stage 0's kernel gradient straight into grad_w[0] where that has the
     // compute type (its permuting copy below took 0.3 ms on CIFAR block 2), else into gw_acc's
     // [K1][kh][kw][Cin] block for the converting copy.
@@ -845,8 +871,11 @@ void mlpconv_backward_impl(const MlpconvShape& s, const at::Tensor& grad_out, co
     for (int64_t i = 0; i < S; ++i) {
       if (i == 0 && wino_direct) continue;
       const auto& w = weights[i];
-      at::Tensor src = at::from_blob(gw_acc + woff[i], {w.size(0), w.size(2), w.size(3), w.size(1)},
-                                     at::TensorOptions().dtype(acc))
+      // from gw64 (rounded once, by the converting copy) or gw_acc
+      const bool dbl = in_double(i);
+      void* base = dbl ? static_cast<void*>(gw64 + woff[i] - wlo) : static_cast<void*>(gw_acc + woff[i]);
+      at::Tensor src = at::from_blob(base, {w.size(0), w.size(2), w.size(3), w.size(1)},
+                                     at::TensorOptions().dtype(dbl ? at::kDouble : acc))
                            .permute({0, 3, 1, 2});
       grad_w[i].copy_(src);
     }
