@@ -694,11 +694,11 @@ void mlpconv_backward_impl(const MlpconvShape& s, const at::Tensor& grad_out, co
   const int64_t wlo = wino ? woff[0] + s.C[0] * prm.Kin[0] : 0;  // the accumulated part: [wlo, wsize)
   // The accumulated part sums in double, per chunk ([nchunks][wsize - wlo]): each tile's product
   // g^T a (kWgradRows above) is rounded once to acc_t and added there, the chunk's first one
-  // stored (no zeroing pass). A float running
-  // sum (MKL's beta = 1 over all the tiles, or one GEMM over all the rows) grows its error with
-  // the row count: on an AMD EPYC (Zen 4), whose MKL kernels accumulate differently from the
-  // Xeon's, a 1x1 weight gradient over 1125 rows came out 2.9e-6 against torch's 8.6e-7 (one
-  // fp32 GEMM over them all: 2.1e-6; products of <= 250 rows summed in double: 7-8e-7).
+  // stored (no zeroing pass). A float running sum (MKL's beta = 1 over all the tiles, or one GEMM
+  // over all the rows) grows its error with the row count: on an AMD EPYC (Zen 4), whose MKL
+  // kernels accumulate differently from the Xeon's, a 1x1 weight gradient over 1125 rows came out
+  // 2.9e-6 off against torch's 8.6e-7 (one fp32 GEMM over them all: 2.1e-6; products of <= 250
+  // rows summed in double: 7-8e-7).
   const int64_t wlen = wsize - wlo;
   static thread_local std::vector<double> gw64_store;
   std::vector<double> gw64_own;
@@ -736,7 +736,7 @@ void mlpconv_backward_impl(const MlpconvShape& s, const at::Tensor& grad_out, co
     acc_t* Wt = need_w && !one_product ? buf(Wv, wprod) : nullptr;  // one tile product of a weight gradient
     // gP: reuses P's buffer once gW_0 is done, or its own when P is not needed
     for (int64_t c = cb; c < ce; ++c) {
-      double* gw = gw64 != nullptr ? gw64 + c * wlen - wlo : nullptr;  // indexed by woff[i] (>= wlo)
+      double* gw = gw64 != nullptr ? gw64 + c * wlen : nullptr;  // stage i at gw + (woff[i] - wlo)
       double* gb = need_b ? gb_acc.data() + c * bsize : nullptr;
       acc_t* gx = need_x ? gx_acc.data_ptr<acc_t>() + (shared_gx || gx_direct ? 0 : c * xnumel) : nullptr;
       if (usize > 0 && bounds[c] == bounds[c + 1]) std::fill_n(dU_acc + c * usize, usize, acc_t(0));  // no items
@@ -805,6 +805,7 @@ void mlpconv_backward_impl(const MlpconvShape& s, const at::Tensor& grad_out, co
           if (need_w) {
             // gW_i[C, Kin] += g^T a_i, a product per kWgradRows rows added in double (above);
             // the chunk's first product is stored instead.
+            double* const gwi = gw != nullptr ? gw + (woff[i] - wlo) : nullptr;
             for (int64_t r0 = 0; r0 < rows; r0 += kWgradRows) {
               const int64_t rr = std::min(kWgradRows, rows - r0);
               const acc_t* gr = g + r0 * C;
@@ -821,18 +822,18 @@ void mlpconv_backward_impl(const MlpconvShape& s, const at::Tensor& grad_out, co
                   gemm_rm<double>(true, false, C, Kin, rr, gd, C, ad, Kin, 0.0, wd, Kin);
                   std::copy_n(wd, C * Kin, gw_acc + woff[i]);
                 } else {
-                  gemm_rm<double>(true, false, C, Kin, rr, gd, C, ad, Kin, first ? 0.0 : 1.0, gw + woff[i], Kin);
+                  gemm_rm<double>(true, false, C, Kin, rr, gd, C, ad, Kin, first ? 0.0 : 1.0, gwi, Kin);
                 }
               } else if (one_product) {  // straight into the result
                 gemm_rm<acc_t>(true, false, C, Kin, rr, gr, C, ar, Kin, acc_t(0), gw_acc + woff[i], Kin);
               } else if constexpr (std::is_same_v<acc_t, double>) {
-                gemm_rm<double>(true, false, C, Kin, rr, gr, C, ar, Kin, first ? 0.0 : 1.0, gw + woff[i], Kin);
+                gemm_rm<double>(true, false, C, Kin, rr, gr, C, ar, Kin, first ? 0.0 : 1.0, gwi, Kin);
               } else {
                 gemm_rm<acc_t>(true, false, C, Kin, rr, gr, C, ar, Kin, acc_t(0), Wt, Kin);
                 if (first) {
-                  std::copy_n(Wt, C * Kin, gw + woff[i]);
+                  std::copy_n(Wt, C * Kin, gwi);
                 } else {
-                  add_wide(Wt, C * Kin, gw + woff[i]);
+                  add_wide(Wt, C * Kin, gwi);
                 }
               }
             }
@@ -873,7 +874,7 @@ void mlpconv_backward_impl(const MlpconvShape& s, const at::Tensor& grad_out, co
       const auto& w = weights[i];
       // from gw64 (rounded once, by the converting copy) or gw_acc
       const bool dbl = in_double(i);
-      void* base = dbl ? static_cast<void*>(gw64 + woff[i] - wlo) : static_cast<void*>(gw_acc + woff[i]);
+      void* base = dbl ? static_cast<void*>(gw64 + (woff[i] - wlo)) : static_cast<void*>(gw_acc + woff[i]);
       at::Tensor src = at::from_blob(base, {w.size(0), w.size(2), w.size(3), w.size(1)},
                                      at::TensorOptions().dtype(dbl ? at::kDouble : acc))
                            .permute({0, 3, 1, 2});
