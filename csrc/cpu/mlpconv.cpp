@@ -82,10 +82,9 @@ using fastnin::cpu::gemm_rm;
 using fastnin::cpu::Winograd;
 using fastnin::cpu::WinoWork;
 
-// Weight gradients in the backward: per tile, products g^T a of at most kWgradRows rows (in
-// practice one per tile: tiles hold at most 512 pixels, weight-heavy calls' single tile at most
-// 2048), summed in double, so the float error of a weight gradient is that of a sum over one
-// tile's rows, not over N * Ho * Wo. A call with one tile and one thread (the weight-heavy calls)
+// Weight gradients in the backward: one product g^T a per tile (about 512 pixels; a weight-heavy
+// call's single tile at most 2048), summed in double, so the float error of a weight gradient is
+// that of a sum over one tile's rows, not over N * Ho * Wo. A call with one tile and one thread (the weight-heavy calls)
 // has one product per stage, which MKL writes straight into the result: a double pass over a
 // weight of millions of elements, in a fresh vector beyond what a thread keeps, took ImageNet NiN
 // block 4's fwd+bwd from 83 to 107 ms (AMD EPYC, 2 threads). A stage whose weight has at most
@@ -94,7 +93,6 @@ using fastnin::cpu::WinoWork;
 // stage over 32 rows came out 2.9 ulp of its largest value off in float (8.6e-7 at 3.05; torch's
 // oneDNN: 2.1e-7), the same float inputs multiplied in double 2.8e-7. The bound keeps NiN's own
 // stages (the smallest: 10 x 192) in float.
-constexpr int64_t kWgradRows = 2048;
 constexpr int64_t kWgradDoubleMax = 1024;
 
 // ---------------------------------------------------------------------------------------------
@@ -693,7 +691,7 @@ void mlpconv_backward_impl(const MlpconvShape& s, const at::Tensor& grad_out, co
   acc_t* const gw_acc = need_w ? fastnin::cpu::kept_or_own(gw_store, gw_own, nchunks * wsize) : nullptr;
   const int64_t wlo = wino ? woff[0] + s.C[0] * prm.Kin[0] : 0;  // the accumulated part: [wlo, wsize)
   // The accumulated part sums in double, per chunk ([nchunks][wsize - wlo]): each tile's product
-  // g^T a (kWgradRows above) is rounded once to acc_t and added there, the chunk's first one
+  // g^T a (see kWgradDoubleMax) is rounded once to acc_t and added there, the chunk's first one
   // stored (no zeroing pass). A float running sum (MKL's beta = 1 over all the tiles, or one GEMM
   // over all the rows) grows its error with the row count: on an AMD EPYC (Zen 4), whose MKL
   // kernels accumulate differently from the Xeon's, a 1x1 weight gradient over 1125 rows came out
@@ -705,7 +703,7 @@ void mlpconv_backward_impl(const MlpconvShape& s, const at::Tensor& grad_out, co
   // One tile, one chunk, one product a stage: each goes straight to gw_acc, and gw64 is not used
   // (for the weight-heavy calls it would be tens of MB: beyond what a thread keeps, a fresh
   // zeroed vector every call).
-  const bool one_product = nchunks == 1 && tl.ntiles == 1 && tl.max_rows() <= kWgradRows;
+  const bool one_product = nchunks == 1 && tl.ntiles == 1;
   double* const gw64 =
       need_w && !one_product ? fastnin::cpu::kept_or_own(gw64_store, gw64_own, nchunks * wlen) : nullptr;
   // Whether stage i's gradient is in gw64 (double) at the end, or in gw_acc (compute type).
@@ -803,38 +801,33 @@ void mlpconv_backward_impl(const MlpconvShape& s, const at::Tensor& grad_out, co
             break;
           }
           if (need_w) {
-            // gW_i[C, Kin] += g^T a_i, a product per kWgradRows rows added in double (above);
-            // the chunk's first product is stored instead.
+            // gW_i[C, Kin] += g^T a_i: the tile's product added in double (above); the chunk's
+            // first one stored instead.
+            const bool first = t == bounds[c];
+            const bool small = !std::is_same_v<acc_t, double> && C * Kin <= kWgradDoubleMax;
             double* const gwi = gw != nullptr ? gw + (woff[i] - wlo) : nullptr;
-            for (int64_t r0 = 0; r0 < rows; r0 += kWgradRows) {
-              const int64_t rr = std::min(kWgradRows, rows - r0);
-              const acc_t* gr = g + r0 * C;
-              const acc_t* ar = a[i] + r0 * Kin;
-              const bool first = t == bounds[c] && r0 == 0;
-              const bool small = !std::is_same_v<acc_t, double> && C * Kin <= kWgradDoubleMax;
-              if (small) {
-                double* gd = buf(Gdv, rr * C);
-                double* ad = buf(Adv, rr * Kin);
-                std::copy_n(gr, rr * C, gd);
-                std::copy_n(ar, rr * Kin, ad);
-                if (one_product) {  // the single product, rounded once into the result
-                  double* wd = buf(Wdv, C * Kin);
-                  gemm_rm<double>(true, false, C, Kin, rr, gd, C, ad, Kin, 0.0, wd, Kin);
-                  std::copy_n(wd, C * Kin, gw_acc + woff[i]);
-                } else {
-                  gemm_rm<double>(true, false, C, Kin, rr, gd, C, ad, Kin, first ? 0.0 : 1.0, gwi, Kin);
-                }
-              } else if (one_product) {  // straight into the result
-                gemm_rm<acc_t>(true, false, C, Kin, rr, gr, C, ar, Kin, acc_t(0), gw_acc + woff[i], Kin);
-              } else if constexpr (std::is_same_v<acc_t, double>) {
-                gemm_rm<double>(true, false, C, Kin, rr, gr, C, ar, Kin, first ? 0.0 : 1.0, gwi, Kin);
+            if (small) {
+              double* gd = buf(Gdv, rows * C);
+              double* ad = buf(Adv, rows * Kin);
+              std::copy_n(g, rows * C, gd);
+              std::copy_n(a[i], rows * Kin, ad);
+              if (one_product) {  // the single product, rounded once into the result
+                double* wd = buf(Wdv, C * Kin);
+                gemm_rm<double>(true, false, C, Kin, rows, gd, C, ad, Kin, 0.0, wd, Kin);
+                std::copy_n(wd, C * Kin, gw_acc + woff[i]);
               } else {
-                gemm_rm<acc_t>(true, false, C, Kin, rr, gr, C, ar, Kin, acc_t(0), Wt, Kin);
-                if (first) {
-                  std::copy_n(Wt, C * Kin, gwi);
-                } else {
-                  add_wide(Wt, C * Kin, gwi);
-                }
+                gemm_rm<double>(true, false, C, Kin, rows, gd, C, ad, Kin, first ? 0.0 : 1.0, gwi, Kin);
+              }
+            } else if (one_product) {  // straight into the result
+              gemm_rm<acc_t>(true, false, C, Kin, rows, g, C, a[i], Kin, acc_t(0), gw_acc + woff[i], Kin);
+            } else if constexpr (std::is_same_v<acc_t, double>) {
+              gemm_rm<double>(true, false, C, Kin, rows, g, C, a[i], Kin, first ? 0.0 : 1.0, gwi, Kin);
+            } else {
+              gemm_rm<acc_t>(true, false, C, Kin, rows, g, C, a[i], Kin, acc_t(0), Wt, Kin);
+              if (first) {
+                std::copy_n(Wt, C * Kin, gwi);
+              } else {
+                add_wide(Wt, C * Kin, gwi);
               }
             }
           }
