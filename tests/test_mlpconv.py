@@ -24,19 +24,30 @@ from fastnin.ops import mlpconv_output_format
 # The CPU kernel's first stage runs as im2col + GEMM or as Winograd F(2x2, 3x3) (stride 1; see
 # csrc/cpu/winograd.h), chosen by shape; FASTNIN_CPU_CONV forces one. Every CPU case in this file
 # runs under both: most test shapes are too narrow for the automatic choice to pick Winograd.
+# The float products are fastnin's own GEMM where the CPU has AVX-512 (csrc/cpu/sgemm.h), MKL's
+# elsewhere and for the weight-heavy calls' one tile; FASTNIN_CPU_GEMM=mkl forces MKL's, and every
+# CPU case runs under both too (on a CPU without AVX-512 the two runs are the same).
 MLPCONV_BACKEND_PARAMS = [
     pytest.param(("cpu", "cpu", "im2col"), id="cpu-im2col"),
     pytest.param(("cpu", "cpu", "winograd"), id="cpu-winograd"),
+    pytest.param(("cpu", "cpu", "im2col+mkl"), id="cpu-im2col-mkl"),
+    pytest.param(("cpu", "cpu", "winograd+mkl"), id="cpu-winograd-mkl"),
     *[pytest.param((*p.values[0], None), id=p.id, marks=p.marks) for p in BACKEND_PARAMS[1:]],
 ]
 
 
 @pytest.fixture(params=MLPCONV_BACKEND_PARAMS)
 def backend_device(request, monkeypatch):
-    """(backend, device) with the backend in force, and for the CPU the first-stage algorithm."""
+    """(backend, device) with the backend in force, and for the CPU the first-stage algorithm and
+    the GEMM."""
     backend, device, conv = request.param
     if conv is not None:
+        conv, _, gemm = conv.partition("+")
         monkeypatch.setenv("FASTNIN_CPU_CONV", conv)
+        if gemm:
+            monkeypatch.setenv("FASTNIN_CPU_GEMM", gemm)
+        else:
+            monkeypatch.delenv("FASTNIN_CPU_GEMM", raising=False)
     with fastnin.use_backend(backend):
         yield backend, device
 
@@ -198,6 +209,7 @@ def test_large_tiles_fp32(backend_device):
         run_case(x, ws, bs, (1, 1), (1, 1))
 
 
+@pytest.mark.parametrize("gemm", ["auto", "mkl"])
 @pytest.mark.parametrize("conv", ["auto", "winograd", "im2col"])
 @pytest.mark.parametrize(
     "block",
@@ -206,7 +218,7 @@ def test_large_tiles_fp32(backend_device):
         pytest.param((192, [192, 192, 10], (3, 3), (1, 1), 8, 16), id="cifar-block3-3x3"),
     ],
 )
-def test_cpu_cifar_blocks_fp32(monkeypatch, block, conv):
+def test_cpu_cifar_blocks_fp32(monkeypatch, block, conv, gemm):
     """The paper's CIFAR-10 NiN blocks 2 and 3 at full width (1024 output pixels a call: the
     smallest that auto runs through Winograd), fp32, on the CPU under each first-stage algorithm.
     The output is held to the max rule (Winograd's max error measured at these shapes: 1.7x / 1.3x
@@ -217,12 +229,34 @@ def test_cpu_cifar_blocks_fp32(monkeypatch, block, conv):
     torch's own channels_last gradients against its NCHW ones as the bound: grad x 1.4-2.0x,
     weights[1] 0.6-1.2x, weights[2] 0.7-1.25x of the bound; ours (im2col or Winograd) 0.4-1.2x."""
     monkeypatch.setenv("FASTNIN_CPU_CONV", conv)
+    monkeypatch.setenv("FASTNIN_CPU_GEMM", gemm)
     cin, chs, k, p, hw, n = block
     x = make_x(n, cin, hw, hw, "cpu").relu()  # a block's input is a ReLU's (pooled) output
     ws, bs = make_params(cin, chs, k, "cpu")
     with fastnin.use_backend("cpu"):
         run_case(x, ws, bs, (1, 1), p, x_layout="channels_last", grad_norm="rms")
         run_case(x, ws, bs, (1, 1), p, gap=True, grad_norm="rms")
+
+
+@pytest.mark.parametrize("gemm", ["auto", "mkl"])
+@pytest.mark.parametrize("conv", ["winograd", "im2col"])
+def test_cpu_gemm_edges_fp32(monkeypatch, conv, gemm):
+    """fastnin's own GEMM (csrc/cpu/sgemm.h) works in 8-row x 48-column blocks: stage widths of
+    100 (two blocks and 4 columns), 40 (three masked vectors) and 17 (two), rows not a multiple of
+    8 (126 output pixels), on one thread and on two. Every gradient, both layouts."""
+    monkeypatch.setenv("FASTNIN_CPU_CONV", conv)
+    monkeypatch.setenv("FASTNIN_CPU_GEMM", gemm)
+    x = make_x(2, 37, 9, 7, "cpu").relu()
+    ws, bs = make_params(37, [100, 40, 17], (3, 3), "cpu")
+    threads = torch.get_num_threads()
+    try:
+        for t in [1, 2]:
+            torch.set_num_threads(t)
+            with fastnin.use_backend("cpu"):
+                run_case(x, ws, bs, (1, 1), (1, 1))
+                run_case(x, ws, bs, (1, 1), (1, 1), x_layout="channels_last")
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("conv", ["auto", "winograd"])

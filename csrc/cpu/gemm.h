@@ -4,9 +4,13 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <type_traits>
+#include <vector>
+
+#include "cpu/sgemm.h"
 
 // Fortran BLAS, as exported by libtorch_cpu (MKL) on the usual torch builds. Weak: where a torch
 // build does not export them, they are null and gemm_rm() falls back to at::mm.
@@ -51,6 +55,24 @@ void gemm_rm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const T* A, int6
       for (int64_t i = 0; i < M; ++i) std::fill_n(C + i * ldc, N, T(0));
     }
     return;
+  }
+  if constexpr (std::is_same_v<T, float>) {
+    // sgemm.h: fastnin's own, where the CPU has AVX-512. It runs on the calling thread only: a call
+    // outside a parallel region with threads to spare (the weight-heavy calls' one tile) is MKL's,
+    // which threads it.
+    if (fast_sgemm_enabled() && (at::in_parallel_region() || at::get_num_threads() == 1)) {
+      const float* b = B;
+      int64_t ld = ldb;
+      if (tb) {  // op(B) = B^T packed [K, N] first (MKL packs every call too)
+        static thread_local std::vector<float> packed;
+        if (static_cast<int64_t>(packed.size()) < K * N) packed.resize(K * N);
+        transpose_pack(N, K, B, ldb, packed.data());
+        b = packed.data();
+        ld = N;
+      }
+      fast_sgemm(M, N, K, A, ta ? 1 : lda, ta ? lda : 1, b, ld, beta != T(0), C, ldc);
+      return;
+    }
   }
   // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: swap the operands.
   const char tra = tb ? 'T' : 'N', trb = ta ? 'T' : 'N';

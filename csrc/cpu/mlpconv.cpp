@@ -8,26 +8,24 @@
 // tile is written to the output (or summed into the per-image GAP sums). No intermediate
 // activation ever exists as a whole tensor.
 //
-// The matrix products are BLAS GEMMs (MKL's sgemm_/dgemm_, exported by libtorch_cpu) called
-// directly, single-threaded inside at::parallel_for (MKL runs sequentially inside an OpenMP
-// region). at::mm on the same buffers adds ~1.6 us of dispatch and tensor bookkeeping per call
-// (64x192x10 product: 4.9 vs 3.3 us); where the BLAS symbols are missing (another torch build)
-// it is the fallback. ATen's cpublas::gemm_stub cannot be called from an extension (its
-// DispatchStub lookup is not exported), and the oneDNN ukernel (cpublas::brgemm) measured no
-// faster than MKL here. Nor, where it counts, did a hand-written AVX-512 micro-kernel (14x32
-// register block, U^T packed once per weight): alone it beat MKL on the Winograd backward's
-// products by 3-16% (NT 197-208 vs 173-190 GF/s, TN 183-202 vs 160-192; the forward's NN level at
-// ~200), but inside the CIFAR block 2 backward both ran at 155-162 GF/s (dU 158 vs 156, dA 162
-// vs 154, 1 thread) and the whole backward within noise (99-105 vs 101-106 ms). The products lose
-// ~20% in place for every GEMM alike: operands written by the transforms and a weight that
-// comes from L3 (alone, rotating the weight over 16 copies cost 3-9%); transparent huge pages
-// (THP "always") changed nothing, so it is not the TLB. MKL repacks the weight operand on every
-// call (~11% of block 2's fwd+bwd is MKL's packing, by perf); its packed API (cblas_sgemm_pack once
-// per transformed weight, cblas_sgemm_compute per item; exported by libtorch_cpu, bitwise the same
-// results) was prototyped for the Winograd products U_e and U_e^T: forward +5% / +1.2-1.3%, fwd+bwd
-// +2.4% / +1.3-1.9% at 1 / 2 threads (block 2, both variants interleaved in one process), for 8-20 MB of
-// address space per packed matrix (MKL's pack_get_size; only ~the matrix's bytes are touched).
-// Not kept: too little for a second copy of every cached weight.
+// The matrix products (gemm.h) run single-threaded inside at::parallel_for: fastnin's own float
+// GEMM where the CPU has AVX-512 (sgemm.h), MKL's sgemm_/dgemm_ (exported by libtorch_cpu)
+// elsewhere, for double, and for the weight-heavy calls' one tile (run outside a parallel region,
+// where MKL threads it). at::mm on the same buffers adds ~1.6 us of dispatch and tensor
+// bookkeeping per call (64x192x10 product: 4.9 vs 3.3 us); where the BLAS symbols are missing
+// (another torch build) it is the fallback. ATen's cpublas::gemm_stub cannot be called from an
+// extension (its DispatchStub lookup is not exported), and the oneDNN ukernel (cpublas::brgemm)
+// measured no faster than MKL.
+//
+// History of the GEMM choice. On the Xeon this was first written on (below), MKL's AVX-512 path
+// was as fast in place as a hand-written 14x32 AVX-512 micro-kernel: alone that kernel beat MKL on
+// the Winograd backward's products by 3-16%, but inside the CIFAR block 2 backward both ran at
+// 155-162 GF/s and the whole backward within noise; MKL's packed API (weights packed once) gained
+// 1-2%. On the AMD EPYC (Zen 4) these sessions moved to, MKL takes a generic Zen path at 92-101
+// GF/s a core and spends ~11% of block 2's fwd+bwd packing operands and zeroing C; sgemm.h's 8x48
+// kernel reads both operands in place at 111-115 GF/s alone, and took block 2's forward from
+// 30.7 to 26.6 ms and its fwd+bwd from 118.4 to 110.5 ms (2 threads, channels_last, the two
+// GEMMs alternated in one process by FASTNIN_CPU_GEMM; see sgemm.cpp).
 //
 // Measured on the 2-core Xeon (Sapphire Rapids, AVX-512, 214 GF/s/core fp32 FMA peak) this was
 // written on: MKL sgemm reaches 135-175 GF/s per core on the tile shapes (T = 64..512 rows,
@@ -426,8 +424,39 @@ struct Params {
   // call cost more than the ImageNet NiN block 4's products), g_s = g_{s+1} W (backward)
   std::vector<at::Tensor> W;
   std::vector<at::Tensor> b;  // [C_s] or undefined
+  // [Kin_s, C_s] = W_s^T, only where the products are fastnin's own (sgemm.h), which read their B
+  // operand in place and would otherwise transpose W_s for every tile.
+  std::vector<at::Tensor> WT;
   const acc_t* w(int64_t i) const { return W[i].template data_ptr<acc_t>(); }
   const acc_t* bias(int64_t i) const { return b[i].defined() ? b[i].template data_ptr<acc_t>() : nullptr; }
+
+  // z[rows, C_i] = a[rows, Kin_i] W_i^T multiplied in double (ad, wd: scratch), rounded once: the
+  // backward's recomputed activations of a stage with at most kWgradDoubleMax weights, the
+  // input of its weight gradient (see kWgradDoubleMax). Measured: a [3, 4] stage after a [4, 4]
+  // one over 32 rows, its weight gradient 9.9e-7 off in float (torch 2.0e-7; the tests' bound 7.6e-7).
+  void product_wide(int64_t i, int64_t rows, const acc_t* a, acc_t* z, int64_t ldz, std::vector<double>& ad,
+                    std::vector<double>& wd) const {
+    const int64_t C = W[i].size(0), K = Kin[i];
+    double* av = buf(ad, rows * (K + C));  // a's rows, then z's
+    double* zv = av + rows * K;
+    double* wv = buf(wd, C * K);
+    std::copy_n(a, rows * K, av);
+    std::copy_n(w(i), C * K, wv);
+    gemm_rm<double>(false, true, rows, C, K, av, K, wv, K, 0.0, zv, C);
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t c = 0; c < C; ++c) z[r * ldz + c] = static_cast<acc_t>(zv[r * C + c]);
+    }
+  }
+
+  // z[rows, C_i] = a[rows, Kin_i] W_i^T
+  void product(int64_t i, int64_t rows, const acc_t* a, acc_t* z, int64_t ldz) const {
+    const int64_t C = W[i].size(0);
+    if (!WT.empty()) {
+      gemm_rm<acc_t>(false, false, rows, C, Kin[i], a, Kin[i], WT[i].template data_ptr<acc_t>(), C, acc_t(0), z, ldz);
+    } else {
+      gemm_rm<acc_t>(false, true, rows, C, Kin[i], a, Kin[i], w(i), Kin[i], acc_t(0), z, ldz);
+    }
+  }
 };
 
 template <typename acc_t>
@@ -447,6 +476,10 @@ Params<acc_t> pack_params(const MlpconvShape& s, at::TensorList weights,
     p.W.push_back(skip ? at::Tensor() : fastnin::cpu::nhwc<acc_t>(wi).permute({0, 2, 3, 1}).reshape({C, Kin}));
     const std::optional<at::Tensor> b = biases[i];
     p.b.push_back(b.has_value() && b->defined() ? b->to(acc).contiguous() : at::Tensor());
+  }
+  // Weight-heavy calls run one tile outside any parallel region, through MKL (gemm_rm): no copy.
+  if (std::is_same_v<acc_t, float> && fastnin::cpu::fast_sgemm_enabled() && !weight_heavy(s)) {
+    for (int64_t i = 0; i < p.S; ++i) p.WT.push_back(p.W[i].defined() ? p.W[i].t().contiguous() : at::Tensor());
   }
   return p;
 }
@@ -525,7 +558,7 @@ void mlpconv_forward_impl(const MlpconvShape& s, const at::Tensor& x, at::Tensor
         if (i == 0 && wino) {
           winop->multiply_output(q0, q1, wk, z);
         } else {
-          gemm_rm<acc_t>(false, true, rows, C, kin, a, kin, prm.w(i), kin, acc_t(0), z, ldz);
+          prm.product(i, rows, a, z, ldz);
         }
         bias_relu(z, rows, C, ldz, prm.bias(i));
         a = z;
@@ -643,6 +676,7 @@ void mlpconv_backward_impl(const MlpconvShape& s, const at::Tensor& grad_out, co
   const Tiling tl = make_tiling(s, sizeof(acc_t), wino);
   std::optional<Winograd<acc_t>> winop;
   if (wino) winop.emplace(s, w0, wino_tmax(s, tl));
+  if (wino && need_x) winop->prepare_transposed();
   const int64_t nchunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tl.ntiles));
   // One chunk of consecutive tiles per thread. grad_x can be shared by all chunks when no image
   // is split between two chunks (tiles of whole images, or chunk boundaries on image
@@ -760,8 +794,11 @@ void mlpconv_backward_impl(const MlpconvShape& s, const at::Tensor& grad_out, co
           if (i == 0 && wino) {
             winop->multiply_output(q0, q1, wk, z);
           } else {
-            gemm_rm<acc_t>(false, true, rows, s.C[i], prm.Kin[i], a[i], prm.Kin[i], prm.w(i), prm.Kin[i], acc_t(0),
-                           z, s.C[i]);
+            if (!std::is_same_v<acc_t, double> && s.C[i] * prm.Kin[i] <= kWgradDoubleMax) {
+              prm.product_wide(i, rows, a[i], z, s.C[i], Adv, Wdv);
+            } else {
+              prm.product(i, rows, a[i], z, s.C[i]);
+            }
           }
           bias_relu(z, rows, s.C[i], s.C[i], prm.bias(i));
           a[i + 1] = z;

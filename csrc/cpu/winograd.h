@@ -53,6 +53,7 @@
 #include "checks.h"
 #include "cpu/attributes.h"
 #include "cpu/gemm.h"
+#include "cpu/sgemm.h"
 #include "cpu/vec.h"
 
 namespace fastnin::cpu {
@@ -489,6 +490,22 @@ class Winograd {
 
   int64_t u_size() const { return Kw_ * K1_; }
 
+  // Builds U_e^T ([K1][kw(e)] per point) for the input gradient's products dA_e = dM_e U_e^T,
+  // where those are fastnin's own GEMM (sgemm.h): it reads its B operand in place, so without
+  // this each work item would transpose all of U again. Once per backward call (~U's size).
+  void prepare_transposed() {
+    if constexpr (std::is_same_v<T, float>) {
+      if (!fastnin::cpu::fast_sgemm_enabled()) return;
+      T* ut = buf(ut_, Kw_ * K1_);
+      at::parallel_for(0, 16, 1, [&](int64_t e0, int64_t e1) {
+        for (int64_t e = e0; e < e1; ++e) {
+          transpose_pack(kw(static_cast<int>(e)), K1_, U_ + koff_[e] * K1_, K1_, ut + koff_[e] * K1_);
+        }
+      });
+      UT_ = ut;
+    }
+  }
+
  private:
   // The U of the cache entry for (key, the wn elements at wp), hit = true; else of a new entry
   // (evicting as needed), to be filled, hit = false.
@@ -611,8 +628,13 @@ class Winograd {
     if (gx == nullptr) return;
     T* dA = buf(wk.dA, tmax_ * Kw_);
     for (int e = 0; e < 16; ++e) {
-      gemm_rm<T>(false, true, nt, kw(e), K1_, dM + e * tmax_ * K1_, K1_, U + koff_[e] * K1_, K1_, T(0),
-                 dA + tmax_ * koff_[e], kw(e));
+      if (UT_ != nullptr) {
+        gemm_rm<T>(false, false, nt, kw(e), K1_, dM + e * tmax_ * K1_, K1_, UT_ + koff_[e] * K1_, kw(e), T(0),
+                   dA + tmax_ * koff_[e], kw(e));
+      } else {
+        gemm_rm<T>(false, true, nt, kw(e), K1_, dM + e * tmax_ * K1_, K1_, U + koff_[e] * K1_, K1_, T(0),
+                   dA + tmax_ * koff_[e], kw(e));
+      }
     }
     T* dd = buf(wk.d, 16 * C_);
     for_each_segment(q0, q1, [&](int64_t n, int64_t ty0, int64_t ty1, int64_t row0, int64_t) {
@@ -799,6 +821,8 @@ class Winograd {
   bool direct_ = true;
   const T* U_ = nullptr;  // [Kw][K1] (point e at row koff_[e]), in a thread_local store or u_own_
   std::vector<T> u_own_;
+  const T* UT_ = nullptr;  // U_e^T [K1][kw(e)] at koff_[e] * K1 (prepare_transposed), or null
+  std::vector<T> ut_;
 };
 
 }  // namespace fastnin::cpu
