@@ -40,6 +40,11 @@ __attribute__((target("avx512f,fma"))) inline void block(int64_t K, const float*
   for (int i = 0; i < MR; ++i) {
     for (int v = 0; v < NV; ++v) c[i][v] = _mm512_setzero_ps();
   }
+  if (accumulate) {  // C's lines on their way while the products run (the Winograd dU sums: -6%)
+    for (int i = 0; i < MR; ++i) {
+      for (int v = 0; v < NV; ++v) _mm_prefetch(reinterpret_cast<const char*>(C + i * ldc + 16 * v), _MM_HINT_T0);
+    }
+  }
   for (int64_t k = 0; k < K; ++k) {
     __m512 b[NV];
     const float* brow = B + k * ldb;
