@@ -201,10 +201,11 @@ FASTNIN_INLINE double fast_pow(double d, double nb, int64_t& bad) {
   return r;
 }
 
-// dp[i] = d^-beta, and dp1[i] = d^(-beta-1) when BWD.
-template <bool BWD>
-FASTNIN_INLINE void dpow_row(const float* __restrict sum, float* __restrict dp, float* __restrict dp1, int64_t n,
-                             const LrnParams& a) {
+// emit(i, r, d) for i < n: r = d^-beta in double, d = k + alpha/size * sum[i] (the caller rounds r
+// once to fp32). A template over the consumer so that the forward can multiply by x in the same
+// loop instead of storing d^-beta and reading it back.
+template <typename Emit>
+FASTNIN_INLINE void dpow_each(const float* __restrict sum, int64_t n, const LrnParams& a, Emit&& emit) {
   const double k = a.k, aos = a.aos, nb = a.neg_beta;
   int64_t bad = 0;
   if (a.beta075) {
@@ -230,8 +231,7 @@ FASTNIN_INLINE void dpow_row(const float* __restrict sum, float* __restrict dp, 
       const double yd = static_cast<double>(y);
       const double ud = yd * d;
       const double r = yd * __builtin_fma(-0.25, ud * ud * ud * yd, 1.25);
-      dp[i] = static_cast<float>(r);
-      if constexpr (BWD) dp1[i] = static_cast<float>(r / d);
+      emit(i, r, d);
       // d out of fp32's normal range (0, negative, Inf, NaN, tiny): std::pow below
       bad |= static_cast<int64_t>(!(d >= FLT_MIN)) | static_cast<int64_t>(!(d <= FLT_MAX));
     }
@@ -239,8 +239,7 @@ FASTNIN_INLINE void dpow_row(const float* __restrict sum, float* __restrict dp, 
     for (int64_t i = 0; i < n; ++i) {
       const double d = k + aos * static_cast<double>(sum[i]);
       const double r = fast_pow(d, nb, bad);
-      dp[i] = static_cast<float>(r);
-      if constexpr (BWD) dp1[i] = static_cast<float>(r / d);
+      emit(i, r, d);
     }
   }
   if (bad) {
@@ -249,12 +248,34 @@ FASTNIN_INLINE void dpow_row(const float* __restrict sum, float* __restrict dp, 
       const bool fast = a.beta075 ? (d >= FLT_MIN && d <= FLT_MAX)
                                   : (d >= DBL_MIN && d <= DBL_MAX && std::abs(nb * std::log2(d)) < 1000.0);
       if (!fast) {
-        const double r = std::pow(d, nb);
-        dp[i] = static_cast<float>(r);
-        if constexpr (BWD) dp1[i] = static_cast<float>(r / d);
+        emit(i, std::pow(d, nb), d);
       }
     }
   }
+}
+
+// dp[i] = d^-beta, and dp1[i] = d^(-beta-1) when BWD.
+template <bool BWD>
+FASTNIN_INLINE void dpow_row(const float* __restrict sum, float* __restrict dp, float* __restrict dp1, int64_t n,
+                             const LrnParams& a) {
+  dpow_each(sum, n, a, [dp, dp1](int64_t i, double r, double d) FASTNIN_LAMBDA_INLINE {
+    dp[i] = static_cast<float>(r);
+    if constexpr (BWD) dp1[i] = static_cast<float>(r / d);
+  });
+}
+
+// y[i] = x[i] * d^-beta (d^-beta rounded to fp32 first, as dpow_row then a multiply would).
+template <typename T>
+FASTNIN_INLINE void dpow_mul_row(const float* __restrict sum, const float* __restrict x, T* __restrict y, int64_t n,
+                                 const LrnParams& a) {
+  dpow_each(sum, n, a, [x, y](int64_t i, double r, double) FASTNIN_LAMBDA_INLINE {
+    y[i] = static_cast<T>(x[i] * static_cast<float>(r));
+  });
+}
+template <typename T>
+FASTNIN_INLINE void dpow_mul_row(const double* __restrict sum, const double* __restrict x, T* __restrict y, int64_t n,
+                                 const LrnParams& a) {
+  for (int64_t i = 0; i < n; ++i) y[i] = static_cast<T>(x[i] * std::pow(a.k + a.aos * sum[i], a.neg_beta));
 }
 
 template <bool BWD>
@@ -303,7 +324,6 @@ FASTNIN_INLINE void lrn_fwd_planar_impl(const T* __restrict x, T* __restrict y, 
   A* xr = ws;          // [w][B] x rows
   A* sq = xr + w * B;  // [w][B] their squares
   A* sum = sq + w * B;
-  A* dp = sum + B;
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t n = t / nsb, s0 = (t - n * nsb) * B;
     const int64_t nb = std::min(B, S - s0);
@@ -314,10 +334,7 @@ FASTNIN_INLINE void lrn_fwd_planar_impl(const T* __restrict x, T* __restrict y, 
       const int64_t c = p - hi;  // its window [c - lo, c + hi] ends at p (or at C - 1)
       if (c < 0) continue;
       ring_sum(sq, B, w, std::max<int64_t>(0, c - lo), std::min(C - 1, p), sum, nb);
-      dpow_row<false>(sum, dp, nullptr, nb, a);
-      const A* xc = row_at(xn + c * S, xr + (c % w) * B);
-      T* yc = yn + c * S;
-      for (int64_t i = 0; i < nb; ++i) yc[i] = static_cast<T>(xc[i] * dp[i]);
+      dpow_mul_row<T>(sum, row_at(xn + c * S, xr + (c % w) * B), yn + c * S, nb, a);
     }
   }
 }
@@ -382,15 +399,12 @@ FASTNIN_INLINE void lrn_fwd_pixel_impl(const T* __restrict x, T* __restrict y, c
   A* xb = ws;
   A* sqp = xb + C;  // [lo zeros | C squares | hi zeros]
   A* sum = sqp + C + w - 1;
-  A* dp = sum + C;
   std::fill_n(sqp, C + w - 1, A(0));
   for (int64_t q = q0; q < q1; ++q) {
     const A* xq = row_view(x + q * C, xb, C);
     square_row<T>(xq, sqp + lo, C);
     shifted_sum(sqp, w, sum, C);
-    dpow_row<false>(sum, dp, nullptr, C, a);
-    T* yq = y + q * C;
-    for (int64_t c = 0; c < C; ++c) yq[c] = static_cast<T>(xq[c] * dp[c]);
+    dpow_mul_row<T>(sum, xq, y + q * C, C, a);
   }
 }
 
