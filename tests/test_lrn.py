@@ -203,9 +203,11 @@ def test_deterministic_and_layout_independent(backend_device):
             assert torch.equal(a, b)
 
 
-def test_nan_inf_propagation(backend_device):
+@pytest.mark.parametrize("size", [3, 5])
+def test_nan_inf_propagation(backend_device, size):
     """NaN and Inf in x propagate as in the torch composition: a NaN poisons every output whose
-    window holds it; an Inf makes its window's d infinite (outputs 0 there, NaN at the Inf)."""
+    window holds it; an Inf makes its window's d infinite (outputs 0 there, NaN at the Inf).
+    Size 5 also runs the CPU forward's fused full-window loop (lrn.cpp) and its std::pow lanes."""
     _, device = backend_device
     x = make_x((2, 8, 4, 5), device)
     x[0, 2, 1, 1] = float("nan")
@@ -213,32 +215,33 @@ def test_nan_inf_propagation(backend_device):
     x[1, 0, 0, 4] = float("-inf")
     for layout in ["contiguous", "channels_last"]:
         xs = make_layout(x, layout)
-        y = fastnin.ops.local_response_norm(xs, 3, ALPHA, BETA, K)
-        r = reference.local_response_norm(x.double(), 3, ALPHA, BETA, K)
+        y = fastnin.ops.local_response_norm(xs, size, ALPHA, BETA, K)
+        r = reference.local_response_norm(x.double(), size, ALPHA, BETA, K)
         assert torch.equal(y.isnan(), r.isnan()), layout
         assert torch.equal(y.isinf(), r.isinf()), layout
         assert y.isnan().sum() > 3
         fin = r.isfinite()
-        assert_close_rule(y[fin], r[fin], reference.local_response_norm(x, 3, ALPHA, BETA, K)[fin], "finite part")
+        assert_close_rule(y[fin], r[fin], reference.local_response_norm(x, size, ALPHA, BETA, K)[fin], "finite part")
         # gradient: NaN wherever the composition's gradient is NaN (the windows holding the NaN)
         xo = leaf(xs)
         xr = leaf(x.double())
-        (g,) = grads_of(fastnin.ops.local_response_norm(xo, 3, ALPHA, BETA, K), [xo], torch.ones_like(xs))
-        (gr,) = grads_of(reference.local_response_norm(xr, 3, ALPHA, BETA, K), [xr], torch.ones_like(xr))
+        (g,) = grads_of(fastnin.ops.local_response_norm(xo, size, ALPHA, BETA, K), [xo], torch.ones_like(xs))
+        (gr,) = grads_of(reference.local_response_norm(xr, size, ALPHA, BETA, K), [xr], torch.ones_like(xr))
         nan0 = gr[0].isnan()
         assert nan0.any() and torch.equal(g[0].isnan(), nan0), layout
 
 
-def test_zero_k_and_zero_input(backend_device):
+@pytest.mark.parametrize("size,c", [(3, 4), (5, 8)])
+def test_zero_k_and_zero_input(backend_device, size, c):
     """k = 0 with a zero pixel column: d = 0, 0 * 0^-beta is NaN in the composition too."""
     _, device = backend_device
-    x = make_x((1, 4, 3, 3), device)
+    x = make_x((1, c, 3, 3), device)
     x[0, :, 1, 2] = 0
-    y = fastnin.ops.local_response_norm(x, 3, ALPHA, BETA, 0.0)
-    r = reference.local_response_norm(x.double(), 3, ALPHA, BETA, 0.0)
+    y = fastnin.ops.local_response_norm(x, size, ALPHA, BETA, 0.0)
+    r = reference.local_response_norm(x.double(), size, ALPHA, BETA, 0.0)
     assert torch.equal(y.isnan(), r.isnan()) and y.isnan().any()
     fin = r.isfinite()
-    assert_close_rule(y[fin], r[fin], reference.local_response_norm(x, 3, ALPHA, BETA, 0.0)[fin], "finite part")
+    assert_close_rule(y[fin], r[fin], reference.local_response_norm(x, size, ALPHA, BETA, 0.0)[fin], "finite part")
 
 
 # ----------------------------------------------------------------------------------------------
