@@ -21,7 +21,8 @@
 //     element is read from memory once and every output written once.
 //   * pixel: [N*S, C] rows (channels_last, or S == 1): a task is a run of pixels; each pixel's C
 //     channels are loaded once into a zero-padded buffer and the window sums are w shifted
-//     vector adds along C.
+//     vector adds along C (for a window of 5, inside the d^-beta loop: 16x96x55x55 fp32 forward
+//     4.20-4.39 -> 3.76-3.84 ms, builds alternated 5 times).
 // The window sums are exact sums of the window's squares, recomputed for every channel (w adds
 // per element out of L1), not a running add/subtract: a running sum cancels catastrophically in
 // fp32 when a large value leaves the window (x = 1e4 next to x = 1: the 1e8 subtracted leaves
@@ -434,8 +435,22 @@ FASTNIN_INLINE void lrn_fwd_pixel_impl(const T* __restrict x, T* __restrict y, c
   for (int64_t q = q0; q < q1; ++q) {
     const A* xq = row_view(x + q * C, xb, C);
     square_row<T>(xq, sqp + lo, C);
+    T* yq = y + q * C;
+    if constexpr (std::is_same_v<A, float>) {
+      if (w == 5) {  // the sums in shifted_sum's order, formed inside the d^-beta loop (as planar)
+        dpow_each(
+            [sqp](int64_t c) FASTNIN_LAMBDA_INLINE {
+              return (((sqp[c] + sqp[c + 1]) + sqp[c + 2]) + sqp[c + 3]) + sqp[c + 4];
+            },
+            C, a,
+            [xq, yq](int64_t c, double r, double) FASTNIN_LAMBDA_INLINE {
+              yq[c] = static_cast<T>(xq[c] * static_cast<float>(r));
+            });
+        continue;
+      }
+    }
     shifted_sum(sqp, w, sum, C);
-    dpow_mul_row<T>(sum, xq, y + q * C, C, a);
+    dpow_mul_row<T>(sum, xq, yq, C, a);
   }
 }
 
