@@ -24,8 +24,9 @@
 // 1-2%. On the AMD EPYC (Zen 4) these sessions moved to, MKL takes a generic Zen path at 92-101
 // GF/s a core and spends ~11% of block 2's fwd+bwd packing operands and zeroing C; sgemm.h's 8x48
 // kernel reads both operands in place at 111-115 GF/s alone, and took block 2's forward from
-// 30.7 to 26.6 ms and its fwd+bwd from 118.4 to 110.5 ms (2 threads, channels_last, the two
-// GEMMs alternated in one process by FASTNIN_CPU_GEMM; see sgemm.cpp).
+// 30.0-31.5 to 26.2-29.8 ms and its fwd+bwd from 118.4-127.5 to 110.5-120.6 ms (3 runs, 2
+// threads, channels_last, the two GEMMs alternated in one process by FASTNIN_CPU_GEMM; see
+// sgemm.cpp).
 //
 // Measured on the 2-core Xeon (Sapphire Rapids, AVX-512, 214 GF/s/core fp32 FMA peak) this was
 // written on: MKL sgemm reaches 135-175 GF/s per core on the tile shapes (T = 64..512 rows,
