@@ -548,7 +548,6 @@ void mlpconv_forward_impl(const MlpconvShape& s, const at::Tensor& x, at::Tensor
         im2col_tile(xp, s, q0, q1, P);
         a = P;
       }
-      int64_t kin = K;
       for (int64_t i = 0; i < S; ++i) {
         const int64_t C = s.C[i];
         acc_t* z = (i % 2 == 0) ? hA : hB;
@@ -563,7 +562,6 @@ void mlpconv_forward_impl(const MlpconvShape& s, const at::Tensor& x, at::Tensor
         }
         bias_relu(z, rows, C, ldz, prm.bias(i));
         a = z;
-        kin = C;
       }
       // a: the tile's [rows, Cout] result
       if (gap) {
