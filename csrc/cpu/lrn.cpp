@@ -112,7 +112,7 @@ struct LrnParams {
   int64_t lo, hi;  // window [c - lo, c + hi], clipped to C - 1 each side (the rest is zero padding)
   int64_t w;       // lo + hi + 1: rows a window spans, and the ring length
   double k, aos, neg_beta, coef;  // aos = alpha / size, coef = 2 alpha beta / size
-  bool beta075;                    // beta == 0.75: the Newton path of dpow_row
+  bool beta075;                    // beta == 0.75: the Newton path of dpow_each
 };
 
 template <typename T>
@@ -260,18 +260,17 @@ FASTNIN_INLINE void dpow_each(SumAt&& sum_at, int64_t n, const LrnParams& a, Emi
   }
 }
 
-// dp[i] = d^-beta, and dp1[i] = d^(-beta-1) when BWD.
-template <bool BWD>
+// The backward's rows: dp[i] = d^-beta and dp1[i] = d^(-beta-1).
 FASTNIN_INLINE void dpow_row(const float* __restrict sum, float* __restrict dp, float* __restrict dp1, int64_t n,
                              const LrnParams& a) {
   dpow_each([sum](int64_t i) FASTNIN_LAMBDA_INLINE { return sum[i]; }, n, a,
             [dp, dp1](int64_t i, double r, double d) FASTNIN_LAMBDA_INLINE {
     dp[i] = static_cast<float>(r);
-    if constexpr (BWD) dp1[i] = static_cast<float>(r / d);
+    dp1[i] = static_cast<float>(r / d);
   });
 }
 
-// y[i] = x[i] * d^-beta (d^-beta rounded to fp32 first, as dpow_row then a multiply would).
+// The forward's rows: y[i] = x[i] * d^-beta (d^-beta rounded to fp32 first).
 template <typename T>
 FASTNIN_INLINE void dpow_mul_row(const float* __restrict sum, const float* __restrict x, T* __restrict y, int64_t n,
                                  const LrnParams& a) {
@@ -286,14 +285,13 @@ FASTNIN_INLINE void dpow_mul_row(const double* __restrict sum, const double* __r
   for (int64_t i = 0; i < n; ++i) y[i] = static_cast<T>(x[i] * std::pow(a.k + a.aos * sum[i], a.neg_beta));
 }
 
-template <bool BWD>
 FASTNIN_INLINE void dpow_row(const double* __restrict sum, double* __restrict dp, double* __restrict dp1, int64_t n,
                              const LrnParams& a) {
   for (int64_t i = 0; i < n; ++i) {
     const double d = a.k + a.aos * sum[i];
     const double r = std::pow(d, a.neg_beta);
     dp[i] = r;
-    if constexpr (BWD) dp1[i] = r / d;
+    dp1[i] = r / d;
   }
 }
 
@@ -398,7 +396,7 @@ FASTNIN_INLINE void lrn_bwd_planar_impl(const T* __restrict g, const T* __restri
       const int64_t j = p - hi;
       if (j >= 0 && j < C) {
         ring_sum(sq, B, w, std::max<int64_t>(0, j - lo), std::min(C - 1, p), sum, nb);
-        dpow_row<true>(sum, dp, dp1, nb, a);
+        dpow_row(sum, dp, dp1, nb, a);
         const A* gj = row_view(g + off + j * S, gb, nb);
         const A* xj = row_at(x + off + j * S, xr + (j % w) * B);
         A* tj = tr + (j % w) * B;
@@ -474,7 +472,7 @@ FASTNIN_INLINE void lrn_bwd_pixel_impl(const T* __restrict g, const T* __restric
     const A* gq = row_view(g + q * C, gb, C);
     square_row<T>(xq, sqp + lo, C);
     shifted_sum(sqp, w, sum, C);
-    dpow_row<true>(sum, dp, dp1, C, a);
+    dpow_row(sum, dp, dp1, C, a);
     A* t = tp + hi;
     for (int64_t c = 0; c < C; ++c) {
       t[c] = gq[c] * xq[c] * dp1[c];
@@ -612,13 +610,15 @@ at::Tensor lrn_cpu(const at::Tensor& x, int64_t size, double alpha, double beta,
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
     if (l.pixel) {
       const int64_t P = l.N * l.S;
-      parallel_chunks<A>(P, std::max<int64_t>(1, 8192 / l.C), 4 * l.C + a.w, [&](int64_t q0, int64_t q1, A* ws) {
+      // x row, padded squares, sums (lrn_fwd_pixel_impl)
+      parallel_chunks<A>(P, std::max<int64_t>(1, 8192 / l.C), 3 * l.C + a.w - 1, [&](int64_t q0, int64_t q1, A* ws) {
         lrn_fwd_pixel<scalar_t>(xp, yp, a, q0, q1, ws);
       });
     } else {
       const int64_t B = planar_block(a, 2, sizeof(A));
       const int64_t tasks = l.N * ((l.S + B - 1) / B);
-      parallel_chunks<A>(tasks, 1, (2 * a.w + 2) * B, [&](int64_t t0, int64_t t1, A* ws) {
+      // the x and square rings, a sum row (lrn_fwd_planar_impl)
+      parallel_chunks<A>(tasks, 1, (2 * a.w + 1) * B, [&](int64_t t0, int64_t t1, A* ws) {
         lrn_fwd_planar<scalar_t>(xp, yp, a, B, t0, t1, ws);
       });
     }
