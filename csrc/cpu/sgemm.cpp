@@ -30,9 +30,12 @@ namespace {
 constexpr int kMR = 8;   // rows of a register block
 constexpr int kNV = 3;   // zmm vectors (16 floats) across: 48 columns
 constexpr int kNR = 16 * kNV;
+// How many rows of B ahead the first row block of a panel prefetches (see panel()).
+constexpr int64_t kPrefetchRows = 16;
 
 // C[0:MR, 0:16 NV] (= or +=) sum_k a(i, k) B[k, :], masks m[v] on the columns of vector v.
-template <int MR, int NV, bool MASKED>
+// PREFETCH_B: also fetch B's row segment kPrefetchRows ahead into L1.
+template <int MR, int NV, bool MASKED, bool PREFETCH_B = false>
 __attribute__((target("avx512f,fma"))) inline void block(int64_t K, const float* A, int64_t rsa, int64_t csa,
                                                          const float* B, int64_t ldb, float* C, int64_t ldc,
                                                          bool accumulate, const __mmask16* m) {
@@ -48,6 +51,12 @@ __attribute__((target("avx512f,fma"))) inline void block(int64_t K, const float*
   for (int64_t k = 0; k < K; ++k) {
     __m512 b[NV];
     const float* brow = B + k * ldb;
+    if (PREFETCH_B && k + kPrefetchRows < K) {
+      // NV lines, one more when the segment is not line-aligned.
+      const char* p = reinterpret_cast<const char*>(brow + kPrefetchRows * ldb);
+      for (int v = 0; v < NV; ++v) _mm_prefetch(p + 64 * v, _MM_HINT_T0);
+      _mm_prefetch(p + 64 * NV - 4, _MM_HINT_T0);
+    }
     for (int v = 0; v < NV; ++v) {
       b[v] = MASKED ? _mm512_maskz_loadu_ps(m[v], brow + 16 * v) : _mm512_loadu_ps(brow + 16 * v);
     }
@@ -73,11 +82,26 @@ __attribute__((target("avx512f,fma"))) inline void block(int64_t K, const float*
 }
 
 // One panel of columns (NV vectors) over all M rows: 8-row blocks, then the remaining rows.
+// The first block prefetches B's rows: it is the one that brings the panel in from L3 or memory
+// (the later blocks find it in L1/L2), and in the tile products it is cold there: the Winograd
+// U_e and U_e^T (663 KB a point on CIFAR block 2) are read once per work item. The hardware
+// prefetchers leave that first pass stalling on the strided rows. Measured with the products'
+// shapes rotating over 8 operand sets per thread (not in L2), 2 threads, medians of 8-10 runs,
+// GF/s per thread before / after: forward M128 N192 K864 92.7 / 101.2, dA M128 N864 K192
+// 78.9 / 92.7, dU (A^T) M864 N192 K128 83.2 / 86.1; with hot operands unchanged (+-1%).
+// Prefetching in every block instead cost the dU product ~2%, whose B (dM_e) is hot. In place,
+// CIFAR block 2 channels_last (2 threads, builds alternated 5 times): forward medians 28.5-29.9
+// -> 27.0-29.0 ms; the products timed inside the fwd+bwd call, GF/s per thread, 3 runs: forward
+// 88.6-93.7 -> 89.6-98.0, the rest +-3%; the whole fwd+bwd within the noise.
 template <int NV, bool MASKED>
 __attribute__((target("avx512f,fma"))) void panel(int64_t M, int64_t K, const float* A, int64_t rsa, int64_t csa,
                                                   const float* B, int64_t ldb, bool accumulate, float* C,
                                                   int64_t ldc, const __mmask16* m) {
   int64_t i = 0;
+  if (M >= kMR) {
+    block<kMR, NV, MASKED, true>(K, A, rsa, csa, B, ldb, C, ldc, accumulate, m);
+    i = kMR;
+  }
   for (; i + kMR <= M; i += kMR) block<kMR, NV, MASKED>(K, A + i * rsa, rsa, csa, B, ldb, C + i * ldc, ldc, accumulate, m);
   const float* Ai = A + i * rsa;
   float* Ci = C + i * ldc;
