@@ -280,3 +280,28 @@ def test_neighbour_rows_do_not_leak(backend_device, layout):
     fin = r.isfinite()
     assert fin.sum() == 4
     assert_close_rule(y[fin], r[fin], x.mean((2, 3))[fin], "finite part")
+
+
+@pytest.mark.parametrize("hw", [(13, 13), (16, 10), (17, 17)], ids=["13x13", "16x10", "17x17"])
+@pytest.mark.parametrize("offset", [0, 1, 7, 15])
+def test_rows_off_the_line_start(backend_device, hw, offset):
+    """fp32 rows of >= 160 elements that start off a 64-byte line (the CPU kernel reads them as the
+    aligned blocks covering them, the first and last with the lanes outside the row dropped): x at
+    a storage offset of `offset` floats, so the first row's first block would begin before x and
+    the last row's last block end after it; NaN / Inf at the ends of the neighbouring rows stay out."""
+    _, device = backend_device
+    n, c = 2, 5
+    L = hw[0] * hw[1]
+    base = make_x((n * c * L + offset + 16,), device)
+    x = base[offset : offset + n * c * L].view(n, c, *hw)
+    assert x.is_contiguous() and x.storage_offset() == offset
+    x[0, 1, 0, 0] = float("nan")  # row 1's first element
+    x[0, 2, -1, -1] = float("inf")  # row 2's last
+    x[1, 0, 0, 0] = float("-inf")  # row 5's first
+    y = fastnin.ops.global_avg_pool2d(x)
+    r = x.double().mean((2, 3))
+    assert torch.equal(y.isnan(), r.isnan()) and torch.equal(y.isinf(), r.isinf())
+    assert torch.equal(y[y.isinf()].double(), r[r.isinf()])
+    fin = r.isfinite()
+    assert fin.sum() == n * c - 3
+    assert_close_rule(y[fin], r[fin], x.mean((2, 3))[fin], "finite rows")
