@@ -298,6 +298,26 @@ FASTNIN_INLINE void gap_bwd_rows_impl(const T* __restrict g, int64_t gs0, int64_
   }
 }
 
+// Pixels [q0, q1) of a channels_last grad_x ([N*L][C] rows): pixel q gets its image's row of C
+// values, v[q / L], copied 64 bytes at a time from L1. glibc's memcpy per 1536-byte row (C = 384
+// fp32) took twice the NCHW fill's time: 0.55 vs 0.28 ms for 64x384x13x13.
+FASTNIN_INLINE void gap_bwd_cl_impl(const char* v, char* gx, int64_t row_bytes, int64_t L, int64_t q0, int64_t q1) {
+  for (int64_t q = q0; q < q1; ++q) {
+    const char* src = v + (q / L) * row_bytes;
+    char* dst = gx + q * row_bytes;
+    int64_t i = 0;
+    for (; i + 64 <= row_bytes; i += 64) {
+      v16f u;
+      std::memcpy(&u, src + i, 64);
+      std::memcpy(dst + i, &u, 64);
+    }
+    if (i < row_bytes) std::memcpy(dst + i, src + i, row_bytes - i);
+  }
+}
+FASTNIN_CLONES void gap_bwd_cl(const char* v, char* gx, int64_t row_bytes, int64_t L, int64_t q0, int64_t q1) {
+  gap_bwd_cl_impl(v, gx, row_bytes, L, q0, q1);
+}
+
 template <typename T>
 void gap_rows(const T* x, T* out, int64_t L, int64_t rows, int64_t r0, int64_t r1) {
   gap_rows_impl(x, out, L, rows, r0, r1);
@@ -405,9 +425,8 @@ at::Tensor gap_backward_cpu(const at::Tensor& grad_out, at::IntArrayRef input_si
       }
       const int64_t grain = std::max<int64_t>(1, 32768 / C);
       at::parallel_for(0, N * L, grain, [&](int64_t q0, int64_t q1) {
-        for (int64_t q = q0; q < q1; ++q) {
-          std::memcpy(gxp + q * C, v.data() + (q / L) * C, C * sizeof(scalar_t));
-        }
+        gap_bwd_cl(reinterpret_cast<const char*>(v.data()), reinterpret_cast<char*>(gxp),
+                   C * static_cast<int64_t>(sizeof(scalar_t)), L, q0, q1);
       });
     }
   });
