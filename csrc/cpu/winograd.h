@@ -496,7 +496,10 @@ class Winograd {
   void prepare_transposed() {
     if constexpr (std::is_same_v<T, float>) {
       if (!fastnin::cpu::fast_sgemm_enabled()) return;
-      T* ut = buf(ut_, Kw_ * K1_);
+      // Kept by the calling thread from call to call, like the dU and weight-gradient stores: a
+      // fresh 2.4-3.6 MB vector per backward (CIFAR blocks 3 and 2) cost its page faults and zeroing.
+      static thread_local std::vector<T> ut_store;
+      T* ut = kept_or_own(ut_store, ut_, Kw_ * K1_);
       at::parallel_for(0, 16, 1, [&](int64_t e0, int64_t e1) {
         for (int64_t e = e0; e < e1; ++e) {
           transpose_pack(kw(static_cast<int>(e)), K1_, U_ + koff_[e] * K1_, K1_, ut + koff_[e] * K1_);
