@@ -84,11 +84,14 @@ __attribute__((noinline, cold)) void fill_lanes(const float* q, int64_t lo, int6
 // acc += lanes [lo, hi) of the 16 floats at q (64-byte aligned), the others zero; reads only
 // [begin, end). (Vectors go in and out by reference: a vector return value is an ABI that
 // differs between the ISA clones, and GCC warns about it even where the call is inlined.)
+// The bounds compare as addresses (uintptr_t): q may lie before x, where pointer arithmetic and
+// comparison would be undefined.
 FASTNIN_INLINE void add_lanes(const float* q, int64_t lo, int64_t hi, const float* begin, const float* end,
                               v16f& acc) {
   const v16i idx = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  const uintptr_t qa = reinterpret_cast<uintptr_t>(q);
   v16f u;
-  if (q >= begin && q + 16 <= end) {
+  if (qa >= reinterpret_cast<uintptr_t>(begin) && qa + 64 <= reinterpret_cast<uintptr_t>(end)) {
     std::memcpy(&u, q, 64);
     // Two selects against splatted bounds (idx - idx + n): a combined (a & b) mask made GCC build
     // the vector lane by lane.
@@ -99,7 +102,7 @@ FASTNIN_INLINE void add_lanes(const float* q, int64_t lo, int64_t hi, const floa
     return;
   }
   float lane[16];
-  fill_lanes(q, lo, hi, lane);
+  fill_lanes(q, lo, hi, lane);  // reads only lanes [lo, hi): inside the row
   std::memcpy(&u, lane, 64);
   acc += u;
 }
@@ -108,8 +111,9 @@ FASTNIN_INLINE void add_lanes(const float* q, int64_t lo, int64_t hi, const floa
 // over 4 independent accumulators, added by hsum. NaN/Inf outside the row never enter: those
 // lanes are selected away, not multiplied by zero.
 FASTNIN_INLINE float row_mean_aligned(const float* p, int64_t L, const float* begin, const float* end) {
-  const int64_t off = static_cast<int64_t>((reinterpret_cast<uintptr_t>(p) & 63) / sizeof(float));
-  const float* q = p - off;
+  const uintptr_t pa = reinterpret_cast<uintptr_t>(p);
+  const int64_t off = static_cast<int64_t>((pa & 63) / sizeof(float));
+  const float* q = reinterpret_cast<const float*>(pa & ~uintptr_t(63));  // may lie before x (row 0)
   const int64_t n = off + L;  // floats from q to the row's end
   v16f a0 = {}, a1 = {}, a2 = {}, a3 = {};
   add_lanes(q, off, std::min<int64_t>(n, 16), begin, end, a0);
