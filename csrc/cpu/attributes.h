@@ -16,3 +16,16 @@
 #else
 #define FASTNIN_CLONES
 #endif
+
+namespace fastnin::cpu {
+// Whether this CPU runs AVX-512F, for the kernels written with its intrinsics (sgemm.cpp, the GAP
+// channels_last pass): checked once per process.
+inline bool cpu_has_avx512f() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const bool ok = __builtin_cpu_supports("avx512f");
+  return ok;
+#else
+  return false;
+#endif
+}
+}  // namespace fastnin::cpu

@@ -357,15 +357,6 @@ __attribute__((target("avx512f"))) void gap_cl_f32_avx512(const float* __restric
 }
 #endif
 
-bool gap_avx512() {
-#ifdef FASTNIN_GAP_AVX512
-  static const bool ok = __builtin_cpu_supports("avx512f");
-  return ok;
-#else
-  return false;
-#endif
-}
-
 // grad_x rows [r0, r1) of L elements (contiguous layout): row r = n * C + c gets g[n, c] / L.
 template <typename T>
 FASTNIN_INLINE void gap_bwd_rows_impl(const T* __restrict g, int64_t gs0, int64_t gs1, T* __restrict gx, int64_t C,
@@ -483,7 +474,7 @@ at::Tensor gap_cpu(const at::Tensor& x) {
     } else {
       // Channel blocks of <= 256 (a multiple of 16 where C allows): tasks (n, block).
       // fp32 with AVX-512: blocks of <= 384 channels (one pass over an image's rows), else 256.
-      const bool wide = std::is_same_v<scalar_t, float> && gap_avx512();
+      const bool wide = std::is_same_v<scalar_t, float> && fastnin::cpu::cpu_has_avx512f();
       const int64_t bmax = wide ? 384 : 256;
       // At least as many tasks as threads where C allows (one image: its channel blocks).
       const int64_t threads = std::max<int64_t>(1, at::get_num_threads());

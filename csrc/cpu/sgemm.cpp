@@ -13,6 +13,8 @@
 // through smaller blocks.
 #include "cpu/sgemm.h"
 
+#include "cpu/attributes.h"
+
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
@@ -151,7 +153,7 @@ __attribute__((target("avx512f,fma,prfchw"))) void sgemm_avx512(int64_t M, int64
 
 bool fast_sgemm_enabled() {
 #ifdef FASTNIN_HAVE_AVX512_SGEMM
-  static const bool cpu = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
+  static const bool cpu = cpu_has_avx512f() && __builtin_cpu_supports("fma");
   if (!cpu) return false;
   const char* env = std::getenv("FASTNIN_CPU_GEMM");
   return env == nullptr || std::strcmp(env, "mkl") != 0;
@@ -172,6 +174,11 @@ void fast_sgemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t rsa, in
 
 #ifdef FASTNIN_HAVE_AVX512_SGEMM
 namespace {
+// GCC 12's _mm512_unpack{lo,hi}_{ps,pd} pass an _mm512_undefined_* vector as the merge source,
+// which -Wuninitialized reports at every use (GCC bug 105593; seen with Debian's GCC 12.2 here):
+// silenced for these functions only.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
 // dst rows 0..15 (leading dimension ldd), 16 floats each = the 16x16 block of src (leading
 // dimension lds) transposed: 16 loads, 4 rounds of 16 shuffles (32-bit, 64-bit, 128-bit and
 // 256-bit interleaves), 16 stores.
@@ -213,6 +220,7 @@ __attribute__((target("avx512f"))) void transpose_pack_avx512(int64_t N, int64_t
     for (int64_t j = (k < K16 ? N16 : 0); j < N; ++j) dst[k * N + j] = src[j * lds + k];
   }
 }
+#pragma GCC diagnostic pop
 }  // namespace
 #endif
 
@@ -220,8 +228,7 @@ void transpose_pack(int64_t N, int64_t K, const float* src, int64_t lds, float* 
 #ifdef FASTNIN_HAVE_AVX512_SGEMM
   // 16x16 blocks in registers: the element-by-element loop below took 1.6-2.0 ms for the 2.4 MB
   // of CIFAR block 3's U^T (prepare_transposed, each backward), ~8% of its fwd+bwd.
-  static const bool avx512 = __builtin_cpu_supports("avx512f");
-  if (avx512) {
+  if (cpu_has_avx512f()) {
     transpose_pack_avx512(N, K, src, lds, dst);
     return;
   }
