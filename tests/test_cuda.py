@@ -276,6 +276,30 @@ def test_mlpconv_tf32_flag_is_followed():
     assert max_err(fast, ref) > 1e-5 * scale, "allow_tf32=True did not take the TF32 path"
 
 
+@pytest.mark.skipif(not hasattr(torch.backends.cudnn, "conv"), reason="torch < 2.9 has no per-op fp32_precision flags")
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_mlpconv_follows_the_per_op_conv_precision(backend):
+    """torch.backends.cudnn.conv.fp32_precision = "ieee" leaves the legacy cudnn flag raising
+    (conv and rnn disagree); torch's convolutions still run, and so must fastnin's, in IEEE fp32."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    case = MLP_CASES["1stage-k5"]
+    x64, ws64, bs64 = _mlp_inputs(case)
+    x = x64.float().to(DEV)
+    ws = [w.float().to(DEV) for w in ws64]
+    bs = [b.float().to(DEV) for b in bs64]
+    ref = reference.mlpconv(x.double(), [w.double() for w in ws], [b.double() for b in bs], (1, 1), (2, 1))
+    conv = torch.backends.cudnn.conv
+    old = conv.fp32_precision
+    try:
+        conv.fp32_precision = "ieee"
+        with env(FASTNIN_CUDA_SIMT=None), fastnin.use_backend(backend):
+            out = fastnin.mlpconv(x, ws, bs, 1, (2, 1))
+    finally:
+        conv.fp32_precision = old
+    assert max_err(out, ref) < 1e-5 * ref.abs().max().item()
+
+
 @pytest.mark.parametrize(
     "mask", [(True, False, False), (False, True, False), (False, False, True), (False, True, True)]
 )

@@ -395,6 +395,41 @@ def test_dot_precision_follows_the_cudnn_flag():
         torch.backends.cudnn.allow_tf32 = old
 
 
+@pytest.mark.skipif(not hasattr(torch.backends.cudnn, "conv"), reason="torch < 2.9 has no per-op fp32_precision flags")
+def test_dot_precision_follows_the_per_op_precision_flags():
+    """torch >= 2.9's per-op flags can leave torch.backends.cudnn.allow_tf32 raising (conv, rnn and
+    the legacy flag disagree): conv's own setting must decide, without an error. The expected
+    values are those of ATen's allowTF32CuDNN(Float32Op::CONV) after the same steps (checked in
+    C++ against torch 2.14's libtorch)."""
+    b = torch.backends
+    saved = (b.fp32_precision, b.cudnn.fp32_precision, b.cudnn.conv.fp32_precision, b.cudnn.allow_tf32)
+    steps = [
+        (lambda: setattr(b.cudnn, "allow_tf32", True), "tf32"),
+        (lambda: setattr(b.cudnn.conv, "fp32_precision", "ieee"), "ieee"),
+        (lambda: setattr(b.cudnn.conv, "fp32_precision", "tf32"), "tf32"),
+        (lambda: setattr(b.cudnn.conv, "fp32_precision", "none"), "ieee"),
+        (lambda: setattr(b, "fp32_precision", "ieee"), "ieee"),
+        (lambda: setattr(b, "fp32_precision", "none"), "ieee"),
+        (lambda: setattr(b.cudnn, "allow_tf32", False), "ieee"),
+        (lambda: setattr(b.cudnn, "allow_tf32", True), "tf32"),
+    ]
+    try:
+        raised = False
+        for i, (step, want) in enumerate(steps):
+            step()
+            try:
+                b.cudnn.allow_tf32
+            except RuntimeError:
+                raised = True
+            assert tm._dot_precision(torch.float32) == want, f"step {i}"
+            assert tm._dot_precision(torch.float16) == "ieee"
+        assert raised, "no step left the legacy flag raising: the test no longer covers that state"
+    finally:
+        b.fp32_precision, b.cudnn.fp32_precision, b.cudnn.conv.fp32_precision = saved[:3]
+        b.cudnn.allow_tf32 = saved[3]
+    assert b.cudnn.allow_tf32 == saved[3]
+
+
 def test_interpreter_autotunes_one_config():
     for kind, cls in [("fwd", "narrow"), ("fwd", "wide"), ("bwd", "mid"), ("wgrad", ""), ("dgrad", "")]:
         n = len(tm._autotuned(kind, cls).configs)

@@ -78,6 +78,9 @@
 #include <algorithm>
 #include <array>
 #include <mutex>
+#include <optional>
+#include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -788,13 +791,44 @@ __global__ void __launch_bounds__(256, 1) _mlpconv_gout_kernel(const GoutArgs<T>
 
 at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
+// Whether torch lets its float32 convolutions use TF32: the conv setting itself. torch >= 2.9's
+// per-op flags (torch.backends.cudnn.conv.fp32_precision, torch.backends.fp32_precision) can
+// leave conv, rnn and the legacy cudnn flag disagreeing, and then the argument-less
+// allowTF32CuDNN() throws, as torch.backends.cudnn.allow_tf32 does. Its argument has been an
+// optional Float32Op, a string (the first releases of that API) or nothing (before it): the type
+// of the member function picks the call, so the source compiles against each.
+template <typename F>
+struct Tf32QueryArg {
+  using type = void;
+};
+template <typename C, typename A>
+struct Tf32QueryArg<bool (C::*)(A) const> {
+  using type = std::decay_t<A>;
+};
+template <typename T>
+struct IsOptional : std::false_type {};
+template <typename T>
+struct IsOptional<std::optional<T>> : std::true_type {};
+
+template <typename Ctx>
+bool conv_allows_tf32(const Ctx& ctx) {
+  using Arg = typename Tf32QueryArg<decltype(&Ctx::allowTF32CuDNN)>::type;
+  if constexpr (IsOptional<Arg>::value) {
+    return ctx.allowTF32CuDNN(Arg::value_type::CONV);
+  } else if constexpr (std::is_same_v<Arg, std::string>) {
+    return ctx.allowTF32CuDNN("conv");
+  } else {
+    return ctx.allowTF32CuDNN();
+  }
+}
+
 // Tensor cores: 16-bit types always, float32 only when torch allows TF32 for convolutions
-// (torch.backends.cudnn.allow_tf32), never float64; FASTNIN_CUDA_SIMT=1 turns them off.
+// (conv_allows_tf32), never float64; FASTNIN_CUDA_SIMT=1 turns them off.
 bool use_tensor_cores(at::ScalarType t) {
   if (fastnin::cuda::env_flag("FASTNIN_CUDA_SIMT")) return false;
   if (t == at::kDouble) return false;
   if (fastnin::cuda::device_major() < 8) return false;
-  if (t == at::kFloat) return at::globalContext().allowTF32CuDNN();
+  if (t == at::kFloat) return conv_allows_tf32(at::globalContext());
   return true;
 }
 

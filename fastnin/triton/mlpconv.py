@@ -710,9 +710,26 @@ def plan_segments(widths, max_width: int) -> list[tuple[int, int]]:
     return [(i, i + 1) for i in range(s)]
 
 
+def conv_allows_tf32() -> bool:
+    """Whether torch lets its float32 convolutions use TF32 (what csrc/cuda's conv_allows_tf32
+    asks ATen). torch.backends.cudnn.allow_tf32 raises once torch >= 2.9's per-op flags disagree
+    (e.g. after torch.backends.cudnn.conv.fp32_precision = "ieee"); then conv's own setting
+    decides, else the nearest parent's that is set (cudnn's, then the generic one), else IEEE."""
+    try:
+        return bool(torch.backends.cudnn.allow_tf32)
+    except RuntimeError:
+        pass
+    cudnn = torch.backends.cudnn
+    for module in (getattr(cudnn, "conv", None), cudnn, torch.backends):
+        prec = getattr(module, "fp32_precision", None)
+        if prec not in (None, "none"):
+            return prec == "tf32"
+    return False
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
-    """TF32 only for fp32 and only where torch's convolutions may use it (the cudnn flag)."""
-    if dtype == torch.float32 and torch.backends.cudnn.allow_tf32:
+    """TF32 only for fp32 and only where torch's convolutions may use it (conv_allows_tf32)."""
+    if dtype == torch.float32 and conv_allows_tf32():
         return "tf32"
     return "ieee"
 
