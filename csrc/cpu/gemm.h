@@ -48,7 +48,7 @@ void gemm_fallback(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const T* A
 
 template <typename T>
 void gemm_rm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb,
-             T beta, T* C, int64_t ldc) {
+             T beta, T* C, int64_t ldc, const NextOperands* next = nullptr) {
   if (M == 0 || N == 0) return;
   if (K == 0) {
     if (beta == T(0)) {
@@ -70,7 +70,7 @@ void gemm_rm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const T* A, int6
         b = packed.data();
         ld = N;
       }
-      fast_sgemm(M, N, K, A, ta ? 1 : lda, ta ? lda : 1, b, ld, beta != T(0), C, ldc);
+      fast_sgemm(M, N, K, A, ta ? 1 : lda, ta ? lda : 1, b, ld, beta != T(0), C, ldc, next);
       return;
     }
   }

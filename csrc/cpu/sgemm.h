@@ -16,14 +16,22 @@ namespace fastnin::cpu {
 // both paths in one process).
 bool fast_sgemm_enabled();
 
+// Memory the caller's next product will read: up to kMax ranges, brought into L2 while this
+// product runs (see sgemm.cpp for why). Empty ranges are skipped.
+struct NextOperands {
+  static constexpr int kMax = 3;
+  const void* p[kMax] = {};
+  int64_t bytes[kMax] = {};
+};
+
 // C[M, N] = A B (+ C when accumulate), float32, single-threaded. A's element (i, k) is
 // A[i * rsa + k * csa] (row-major A: rsa = lda, csa = 1; A^T of a row-major [K, M]: rsa = 1,
 // csa = lda). B is row-major [K, N] with leading dimension ldb, C row-major with ldc. Without
 // accumulate C is only written (NaN there does not leak in). Each C element sums its K products
 // in order k = 0, 1, ..., so results do not depend on M, N or the thread. Only where
-// fast_sgemm_enabled().
+// fast_sgemm_enabled(). next (optional): what the caller multiplies next, prefetched into L2.
 void fast_sgemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t rsa, int64_t csa, const float* B,
-                int64_t ldb, bool accumulate, float* C, int64_t ldc);
+                int64_t ldb, bool accumulate, float* C, int64_t ldc, const NextOperands* next = nullptr);
 
 // dst[K, N] (row-major, leading dimension N) = the transpose of src, a row-major [N, K] with
 // leading dimension lds: packs op(B) = B^T for fast_sgemm.
