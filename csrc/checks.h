@@ -66,6 +66,8 @@ inline MlpconvShape check_mlpconv_args(
   s.Cin = x.size(1);
   s.H = x.size(2);
   s.W = x.size(3);
+  // torch's convolutions reject an empty map even where the padding alone would give an output.
+  TORCH_CHECK_VALUE(s.H >= 1 && s.W >= 1, op, ": x must have a non-empty spatial size, got ", s.H, "x", s.W);
   s.sh = stride[0];
   s.sw = stride[1];
   s.ph = padding[0];

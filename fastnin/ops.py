@@ -122,6 +122,8 @@ def check_mlpconv_args(x, weights, biases, stride, padding):
     if kh < 1 or kw < 1:
         raise ValueError(f"{op}: weights[0] has an empty kernel {kh}x{kw}")
     h, w_ = x.shape[2], x.shape[3]
+    if h < 1 or w_ < 1:  # torch's convolutions reject an empty map even where the padding would give an output
+        raise ValueError(f"{op}: x must have a non-empty spatial size, got {h}x{w_}")
     ho, wo = mlpconv_output_size(h, w_, kh, kw, stride, padding)
     if h + 2 * padding[0] < kh or w_ + 2 * padding[1] < kw or ho < 1 or wo < 1:
         ho_s = ho if h + 2 * padding[0] >= kh else 0

@@ -226,7 +226,11 @@ _mlpconv_change("output-0-rows", r"output size would be 0x.*kernel is larger tha
                 lambda c, a: _set(a, x=a["x"][:, :, :1], padding=[0, 1]))
 _mlpconv_change("output-0-cols", r"output size would be .*x0 .*kernel is larger than the padded input",
                 lambda c, a: _set(a, x=a["x"][:, :, :, :2], padding=[1, 0]))
-_mlpconv_change("x-empty-spatial", r"output size would be", lambda c, a: _set(a, x=a["x"][:, :, :0], padding=[0, 0]))
+_mlpconv_change("x-empty-spatial", r"x must have a non-empty spatial size, got 0x",
+                lambda c, a: _set(a, x=a["x"][:, :, :0], padding=[0, 0]))
+# The padding alone would give an output here, but torch's convolutions reject the empty map.
+_mlpconv_change("x-empty-spatial-padded", r"x must have a non-empty spatial size, got .*x0",
+                lambda c, a: _set(a, x=a["x"][:, :, :, :0], padding=[2, 2]))
 _mlpconv_change("w0-empty-kernel", r"weights\[0\] has an empty kernel",
                 lambda c, a: _set(a, weights=_ws(a, 0, a["weights"][0][:, :, :0])))
 _mlpconv_change("w0-no-outputs", r"weights\[0\] must have at least one output channel", lambda c, a: _set(

@@ -790,6 +790,9 @@ def _bad_cases(device):
         ("stride must be >= 1", dict(stride=[1, 0])),
         ("kernel is larger than the padded input", dict(x=x[:, :, :2, :], padding=[0, 0])),
         ("output size would be", dict(x=make_x(1, 3, 2, 6, device), padding=[0, 1])),
+        # torch rejects an empty map even where the padding alone would give an output
+        ("x must have a non-empty spatial size, got 0x6", dict(x=x[:, :, :0, :])),
+        ("x must have a non-empty spatial size, got 6x0", dict(x=x[:, :, :, :0])),
     ]
     if device == "cuda":
         cases.append(("weights\\[1\\] is on cpu", dict(weights=[w0, w1.cpu(), w2])))
