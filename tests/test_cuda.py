@@ -257,14 +257,19 @@ def test_mlpconv_wide_channels(case, path, dtype):
     check_mlpconv(WIDE[case], dtype, path)
 
 
-def test_mlpconv_tf32_flag_is_followed():
-    """float32 with allow_tf32 off must be exact fp32 (errors at fp32 level, far below TF32's)."""
-    case = MLP_CASES["1stage-k5"]
-    x64, ws64, bs64 = _mlp_inputs(case)
+def _k5_float32_case():
+    """The 1-stage 5x5 case in float32 on the GPU, and its float64 reference (stride 1, padding (2, 1))."""
+    x64, ws64, bs64 = _mlp_inputs(MLP_CASES["1stage-k5"])
     x = x64.float().to(DEV)
     ws = [w.float().to(DEV) for w in ws64]
     bs = [b.float().to(DEV) for b in bs64]
     ref = reference.mlpconv(x.double(), [w.double() for w in ws], [b.double() for b in bs], (1, 1), (2, 1))
+    return x, ws, bs, ref
+
+
+def test_mlpconv_tf32_flag_is_followed():
+    """float32 with allow_tf32 off must be exact fp32 (errors at fp32 level, far below TF32's)."""
+    x, ws, bs, ref = _k5_float32_case()
     with env(FASTNIN_CUDA_SIMT=None), fastnin.use_backend("cuda"):
         with tf32(False):
             exact = fastnin.mlpconv(x, ws, bs, 1, (2, 1))
@@ -283,12 +288,7 @@ def test_mlpconv_follows_the_per_op_conv_precision(backend):
     (conv and rnn disagree); torch's convolutions still run, and so must fastnin's, in IEEE fp32."""
     if backend == "triton":
         pytest.importorskip("triton")
-    case = MLP_CASES["1stage-k5"]
-    x64, ws64, bs64 = _mlp_inputs(case)
-    x = x64.float().to(DEV)
-    ws = [w.float().to(DEV) for w in ws64]
-    bs = [b.float().to(DEV) for b in bs64]
-    ref = reference.mlpconv(x.double(), [w.double() for w in ws], [b.double() for b in bs], (1, 1), (2, 1))
+    x, ws, bs, ref = _k5_float32_case()
     conv = torch.backends.cudnn.conv
     old = conv.fp32_precision
     try:
