@@ -117,7 +117,7 @@ class Prefetcher {
   Prefetcher(const NextOperands* next, int64_t blocks, int64_t K) {
     if (next == nullptr || blocks == 0) return;
     int64_t lines = 0;
-    for (int r = 0; r < NextOperands::kMax; ++r) {
+    for (int r = 0; r < next->n; ++r) {
       if (next->p[r] == nullptr || next->bytes[r] <= 0) continue;
       // The first line may begin before the range: a prefetch never faults.
       const uintptr_t a = reinterpret_cast<uintptr_t>(next->p[r]) & ~uintptr_t(63);

@@ -22,6 +22,11 @@ struct NextOperands {
   static constexpr int kMax = 3;
   const void* p[kMax] = {};
   int64_t bytes[kMax] = {};
+  int n = 0;
+  // Appends the range [q, q + nbytes) (beyond kMax ranges: ignored, a prefetch is only a hint).
+  void add(const void* q, int64_t nbytes) {
+    if (n < kMax) p[n] = q, bytes[n++] = nbytes;
+  }
 };
 
 // C[M, N] = A B (+ C when accumulate), float32, single-threaded. A's element (i, k) is

@@ -585,8 +585,8 @@ class Winograd {
     for (int e = 0; e < 16; ++e) {  // a point no sub-kernel takes (K = 0) gets zeros
       NextOperands next;
       if (e + 1 < 16) {
-        next.p[0] = A + tmax_ * koff_[e + 1], next.bytes[0] = nt * kw(e + 1) * sizeof(T);
-        next.p[1] = U + koff_[e + 1] * K1_, next.bytes[1] = kw(e + 1) * K1_ * sizeof(T);
+        next.add(A + tmax_ * koff_[e + 1], a_bytes(e + 1, nt));
+        next.add(U + koff_[e + 1] * K1_, w_bytes(e + 1));
       }
       gemm_rm<T>(false, false, nt, K1_, kw(e), A + tmax_ * koff_[e], kw(e), U + koff_[e] * K1_, K1_, T(0),
                  M + e * tmax_ * K1_, K1_, &next);
@@ -630,20 +630,25 @@ class Winograd {
     // cblas_sgemm_batch call (backward 52.1 / 49.5 / 47.7 vs 50.3 / 47.9 / 45.4 ms).
     // Each product prefetches the next one's operands into L2 (sgemm.cpp, Prefetcher): the next
     // point's, and after the last dU product the first dA product's.
-    NextOperands first_dA;
-    if (gx != nullptr && UT_ != nullptr) {
-      first_dA.p[0] = dM, first_dA.bytes[0] = nt * K1_ * sizeof(T);
-      first_dA.p[1] = UT_, first_dA.bytes[1] = kw(0) * K1_ * sizeof(T);
-    }
+    const int64_t dm_bytes = nt * K1_ * static_cast<int64_t>(sizeof(T));  // dM_e's rows
+    // The operands of point e's dA product: dM_e and U_e^T.
+    const auto dA_operands = [&](int e) {
+      NextOperands n;
+      if (gx != nullptr && UT_ != nullptr) {
+        n.add(dM + e * tmax_ * K1_, dm_bytes);
+        n.add(UT_ + koff_[e] * K1_, w_bytes(e));
+      }
+      return n;
+    };
     if (dU != nullptr) {
       for (int e = 0; e < 16; ++e) {
         NextOperands next;
         if (e + 1 < 16) {
-          next.p[0] = A + tmax_ * koff_[e + 1], next.bytes[0] = nt * kw(e + 1) * sizeof(T);
-          next.p[1] = dM + (e + 1) * tmax_ * K1_, next.bytes[1] = nt * K1_ * sizeof(T);
-          next.p[2] = dU + koff_[e + 1] * K1_, next.bytes[2] = kw(e + 1) * K1_ * sizeof(T);
+          next.add(A + tmax_ * koff_[e + 1], a_bytes(e + 1, nt));
+          next.add(dM + (e + 1) * tmax_ * K1_, dm_bytes);
+          next.add(dU + koff_[e + 1] * K1_, w_bytes(e + 1));
         } else {
-          next = first_dA;
+          next = dA_operands(0);
         }
         gemm_rm<T>(true, false, kw(e), K1_, nt, A + tmax_ * koff_[e], kw(e), dM + e * tmax_ * K1_, K1_,
                    dU_init ? T(0) : T(1), dU + koff_[e] * K1_, K1_, &next);
@@ -653,11 +658,7 @@ class Winograd {
     T* dA = buf(wk.dA, tmax_ * Kw_);
     for (int e = 0; e < 16; ++e) {
       if (UT_ != nullptr) {
-        NextOperands next;
-        if (e + 1 < 16) {
-          next.p[0] = dM + (e + 1) * tmax_ * K1_, next.bytes[0] = nt * K1_ * sizeof(T);
-          next.p[1] = UT_ + koff_[e + 1] * K1_, next.bytes[1] = kw(e + 1) * K1_ * sizeof(T);
-        }
+        const NextOperands next = e + 1 < 16 ? dA_operands(e + 1) : NextOperands();
         gemm_rm<T>(false, false, nt, kw(e), K1_, dM + e * tmax_ * K1_, K1_, UT_ + koff_[e] * K1_, kw(e), T(0),
                    dA + tmax_ * koff_[e], kw(e), &next);
       } else {
@@ -837,6 +838,9 @@ class Winograd {
 
   // Point e's GEMM depth: its blocks times Cin.
   int64_t kw(int e) const { return koff_[e + 1] - koff_[e]; }
+  // Bytes of point e's first nt rows of A, and of a [kw(e), K1] block (U_e, U_e^T, dU_e).
+  int64_t a_bytes(int e, int64_t nt) const { return nt * kw(e) * static_cast<int64_t>(sizeof(T)); }
+  int64_t w_bytes(int e) const { return kw(e) * K1_ * static_cast<int64_t>(sizeof(T)); }
 
   MlpconvShape s_;
   int64_t K1_, C_, tmax_;
