@@ -15,7 +15,7 @@ from torch import nn
 
 import fastnin
 from fastnin import bench
-from fastnin.bench import cases, report, runner, timing
+from fastnin.bench import cases, providers, report, runner, timing
 
 # ----------------------------------------------------------------------------------------------
 # timing
@@ -424,3 +424,37 @@ def test_budget_skips_and_lists_the_rest(tmp_path):
     assert data["rows"] == [] and data["complete"] is True
     assert len(data["skipped"]) == 4 and all("time budget" in s["reason"] for s in data["skipped"])
     assert "skipped mlpconv cifar.b3 fwd [fp32]: time budget of 0 s spent" in (tmp_path / "r.md").read_text()
+
+
+def test_target_cases_get_more_interleaved_rounds(monkeypatch):
+    """A case whose target is checked on this device gets target_rounds rounds of at least one call
+    per provider (A B A B ...), the others the base settings: a noise burst in one round then moves
+    the target case's medians little."""
+    order = []
+    sample = timing.sample
+
+    def record(fn, device, reps):
+        order.append((fn, reps))
+        return sample(fn, device, reps)
+
+    monkeypatch.setattr(timing, "sample", record)
+    small = {c.id: c for c in cases.all_cases("cpu", batch=2)}  # the issue shapes at batch 2
+    targeted, plain = small["gap gap.384x13 fwd"], small["gap imagenet.gap fwd"]
+    assert any(t.device == "cpu" for t in targeted.targets) and not any(t.device == "cpu" for t in plain.targets)
+    provs = runner.Settings(warmup=0, rounds=1, min_reps=3, max_reps=8, target_s=0.0, target_rounds=5)
+    base = [p for p in providers.all_providers("cpu", with_compile=False) if p.name in ("fastnin-cpu", "eager")]
+    rows, skipped, _ = runner.run_all([targeted, plain], base, "cpu", ["fp32"], provs, targets_on=True, progress=False)
+    assert skipped == []
+    a, b = order[0][0], order[2][0]
+    assert a is not b
+    # round 0: each provider's sizing call, then its share; rounds 1-4: A B, A B, ...
+    assert [f for f, _ in order[:12]] == [a, a, b, b] + [a, b] * 4
+    n = {r["case"]: {name: e["n"] for name, e in r["providers"].items()} for r in rows}
+    assert n[targeted.id] == {"fastnin-cpu": 6, "eager": 6}  # 1 sizing call + 5 rounds of 1
+    assert n[plain.id] == {"fastnin-cpu": 3, "eager": 3}  # 1 + 1 round of 2
+    # Without targets (--quick, --batch) every case gets the base settings.
+    rows, _, _ = runner.run_all([targeted], base, "cpu", ["fp32"], provs, targets_on=False, progress=False)
+    assert {e["n"] for e in rows[0]["providers"].values()} == {3}
+    # for_targets never lowers what the base settings ask.
+    assert runner.Settings(rounds=20, min_reps=30).for_targets().rounds == 20
+    assert runner.Settings(rounds=20, min_reps=30).for_targets().min_reps == 30

@@ -2,7 +2,8 @@
 
 Per case, every provider is prepared and warmed up first (torch.compile compiles then), its peak
 memory measured on one call, then the providers are timed in interleaved rounds (A B C, A B C, ...)
-so that a change in the machine's load during the case falls on all of them alike, and finally
+so that a change in the machine's load during the case falls on all of them alike (a case whose
+targets are checked gets more rounds, Settings.target_rounds), and finally
 each one's error against the float64 reference is taken. A provider that fails is reported in its
 row (its "error" field) and the run goes on.
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 import gc
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -43,10 +44,20 @@ class Settings:
     max_reps: int = 60
     target_s: float = 0.3  # seconds of samples per provider and case
     budget_s: float | None = None  # skip the remaining cases past this many seconds
+    # Cases with a target on this device and dtype: at least this many rounds, each with at least
+    # one call of every provider. With the defaults above a ~110 ms case got 7 calls a provider in
+    # 3 rounds, and a burst of this shared VM's noise in one round moved its median: CIFAR block 2
+    # fwd+bwd over eager came out 1.004-1.128x (channels_last) in 8 runs, against 1.050-1.069x with
+    # 12 rounds of one call each, the two settings alternated in one process.
+    target_rounds: int = 12
 
     @classmethod
     def quick(cls) -> Settings:
         return cls(warmup=1, rounds=1, min_reps=3, max_reps=8, target_s=0.01)
+
+    def for_targets(self) -> Settings:
+        """The settings of a case whose targets are checked: finer interleaving, more calls."""
+        return replace(self, rounds=max(self.rounds, self.target_rounds), min_reps=max(self.min_reps, self.target_rounds))
 
     @classmethod
     def for_device(cls, device) -> Settings:
@@ -234,6 +245,10 @@ def run_all(
     def over_budget() -> bool:
         return settings.budget_s is not None and time.perf_counter() - t0 > settings.budget_s
 
+    def targeted(case: Case, dtype: str) -> bool:
+        dev = torch.device(device).type
+        return targets_on and any(t.device == dev and dtype in t.dtypes for t in case.targets)
+
     done: list[tuple[dict, Case]] = []
     for dt, case in tasks:
         if bar is not None:
@@ -242,7 +257,7 @@ def run_all(
             skipped.append({"case": case.id, "dtype": dt, "reason": f"time budget of {settings.budget_s:g} s spent"})
         else:
             try:
-                row = run_case(case, first, device, dt, settings)
+                row = run_case(case, first, device, dt, settings.for_targets() if targeted(case, dt) else settings)
                 rows.append(derive(row, copy_bw, targets_on, case, device))
                 done.append((row, case))
             except Exception as e:  # noqa: BLE001
@@ -260,7 +275,9 @@ def run_all(
                 for p in deferred:
                     row["providers"][p.name] = {"ms": None, "skipped": f"time budget of {settings.budget_s:g} s spent"}
             else:
-                extra = run_case(case, deferred, device, row["dtype"], settings)
+                extra = run_case(
+                    case, deferred, device, row["dtype"], settings.for_targets() if targeted(case, row["dtype"]) else settings
+                )
                 row["providers"].update(extra["providers"])
             derive(row, copy_bw, targets_on, case, device)
             if bar is not None:
