@@ -441,9 +441,10 @@ def test_target_cases_get_more_interleaved_rounds(monkeypatch):
     small = {c.id: c for c in cases.all_cases("cpu", batch=2)}  # the issue shapes at batch 2
     targeted, plain = small["gap gap.384x13 fwd"], small["gap imagenet.gap fwd"]
     assert any(t.device == "cpu" for t in targeted.targets) and not any(t.device == "cpu" for t in plain.targets)
-    provs = runner.Settings(warmup=0, rounds=1, min_reps=3, max_reps=8, target_s=0.0, target_rounds=5)
+    settings = runner.Settings(warmup=0, rounds=1, min_reps=3, max_reps=8, target_s=0.0, target_rounds=5)
     base = [p for p in providers.all_providers("cpu", with_compile=False) if p.name in ("fastnin-cpu", "eager")]
-    rows, skipped, _ = runner.run_all([targeted, plain], base, "cpu", ["fp32"], provs, targets_on=True, progress=False)
+    rows, skipped, _ = runner.run_all([targeted, plain], base, "cpu", ["fp32"], settings, targets_on=True,
+                                      progress=False)
     assert skipped == []
     a, b = order[0][0], order[2][0]
     assert a is not b
@@ -453,7 +454,7 @@ def test_target_cases_get_more_interleaved_rounds(monkeypatch):
     assert n[targeted.id] == {"fastnin-cpu": 6, "eager": 6}  # 1 sizing call + 5 rounds of 1
     assert n[plain.id] == {"fastnin-cpu": 3, "eager": 3}  # 1 + 1 round of 2
     # Without targets (--quick, --batch) every case gets the base settings.
-    rows, _, _ = runner.run_all([targeted], base, "cpu", ["fp32"], provs, targets_on=False, progress=False)
+    rows, _, _ = runner.run_all([targeted], base, "cpu", ["fp32"], settings, targets_on=False, progress=False)
     assert {e["n"] for e in rows[0]["providers"].values()} == {3}
     # for_targets never lowers what the base settings ask.
     assert runner.Settings(rounds=20, min_reps=30).for_targets().rounds == 20

@@ -57,7 +57,8 @@ class Settings:
 
     def for_targets(self) -> Settings:
         """The settings of a case whose targets are checked: finer interleaving, more calls."""
-        return replace(self, rounds=max(self.rounds, self.target_rounds), min_reps=max(self.min_reps, self.target_rounds))
+        rounds = max(self.rounds, self.target_rounds)
+        return replace(self, rounds=rounds, min_reps=max(self.min_reps, self.target_rounds))
 
     @classmethod
     def for_device(cls, device) -> Settings:
@@ -245,9 +246,10 @@ def run_all(
     def over_budget() -> bool:
         return settings.budget_s is not None and time.perf_counter() - t0 > settings.budget_s
 
-    def targeted(case: Case, dtype: str) -> bool:
+    def settings_for(case: Case, dtype: str) -> Settings:
         dev = torch.device(device).type
-        return targets_on and any(t.device == dev and dtype in t.dtypes for t in case.targets)
+        targeted = targets_on and any(t.device == dev and dtype in t.dtypes for t in case.targets)
+        return settings.for_targets() if targeted else settings
 
     done: list[tuple[dict, Case]] = []
     for dt, case in tasks:
@@ -257,7 +259,7 @@ def run_all(
             skipped.append({"case": case.id, "dtype": dt, "reason": f"time budget of {settings.budget_s:g} s spent"})
         else:
             try:
-                row = run_case(case, first, device, dt, settings.for_targets() if targeted(case, dt) else settings)
+                row = run_case(case, first, device, dt, settings_for(case, dt))
                 rows.append(derive(row, copy_bw, targets_on, case, device))
                 done.append((row, case))
             except Exception as e:  # noqa: BLE001
@@ -275,9 +277,7 @@ def run_all(
                 for p in deferred:
                     row["providers"][p.name] = {"ms": None, "skipped": f"time budget of {settings.budget_s:g} s spent"}
             else:
-                extra = run_case(
-                    case, deferred, device, row["dtype"], settings.for_targets() if targeted(case, row["dtype"]) else settings
-                )
+                extra = run_case(case, deferred, device, row["dtype"], settings_for(case, row["dtype"]))
                 row["providers"].update(extra["providers"])
             derive(row, copy_bw, targets_on, case, device)
             if bar is not None:
