@@ -434,7 +434,7 @@ def test_target_cases_get_more_interleaved_rounds(monkeypatch):
     sample = timing.sample
 
     def record(fn, device, reps):
-        order.append((fn, reps))
+        order.append(fn)
         return sample(fn, device, reps)
 
     monkeypatch.setattr(timing, "sample", record)
@@ -446,10 +446,10 @@ def test_target_cases_get_more_interleaved_rounds(monkeypatch):
     rows, skipped, _ = runner.run_all([targeted, plain], base, "cpu", ["fp32"], settings, targets_on=True,
                                       progress=False)
     assert skipped == []
-    a, b = order[0][0], order[2][0]
+    a, b = order[0], order[2]
     assert a is not b
     # round 0: each provider's sizing call, then its share; rounds 1-4: A B, A B, ...
-    assert [f for f, _ in order[:12]] == [a, a, b, b] + [a, b] * 4
+    assert order[:12] == [a, a, b, b] + [a, b] * 4
     n = {r["case"]: {name: e["n"] for name, e in r["providers"].items()} for r in rows}
     assert n[targeted.id] == {"fastnin-cpu": 6, "eager": 6}  # 1 sizing call + 5 rounds of 1
     assert n[plain.id] == {"fastnin-cpu": 3, "eager": 3}  # 1 + 1 round of 2

@@ -47,7 +47,8 @@ __attribute__((target("avx512f,fma,prfchw"))) inline void block(int64_t K, const
   // accumulators stay in registers only where each index into c is a constant. GCC left the
   // MASKED blocks' epilogue loops rolled, so c lived on the stack there, and every FMA of the k
   // loop read and wrote it (masked panels: ~2.5x the time per multiply-add; CIFAR block 1, whose
-  // 192 -> 160 stage ends in a 16-column panel, forward 21.8-23.8 -> 19.4-21.2 ms).
+  // 192 -> 160 stage ends in a 16-column panel, channels_last forward 21.8-23.8 -> 20.7-21.2 ms,
+  // builds alternated 3 times).
   __m512 c[MR][NV];
 #pragma GCC unroll 16
   for (int i = 0; i < MR; ++i) {
