@@ -441,7 +441,8 @@ def test_target_cases_get_more_interleaved_rounds(monkeypatch):
     small = {c.id: c for c in cases.all_cases("cpu", batch=2)}  # the issue shapes at batch 2
     targeted, plain = small["gap gap.384x13 fwd"], small["gap imagenet.gap fwd"]
     assert any(t.device == "cpu" for t in targeted.targets) and not any(t.device == "cpu" for t in plain.targets)
-    settings = runner.Settings(warmup=0, rounds=1, min_reps=3, max_reps=8, target_s=0.0, target_rounds=5)
+    settings = runner.Settings(warmup=0, rounds=1, min_reps=3, max_reps=8, target_s=0.0, target_rounds=5,
+                               warm_calls=0)
     base = [p for p in providers.all_providers("cpu", with_compile=False) if p.name in ("fastnin-cpu", "eager")]
     rows, skipped, _ = runner.run_all([targeted, plain], base, "cpu", ["fp32"], settings, targets_on=True,
                                       progress=False)
@@ -459,3 +460,45 @@ def test_target_cases_get_more_interleaved_rounds(monkeypatch):
     # for_targets never lowers what the base settings ask.
     assert runner.Settings(rounds=20, min_reps=30).for_targets().rounds == 20
     assert runner.Settings(rounds=20, min_reps=30).for_targets().min_reps == 30
+
+
+def test_short_calls_warm_up_untimed_at_each_turn(monkeypatch):
+    """On the CPU a provider whose call is shorter than warm_below_s makes warm_calls untimed calls
+    at the start of each of its turns, and its cold sizing call is no sample; a longer one (here:
+    every call, with warm_below_s=0) is timed from its first call on. The GPU settings warm none."""
+    timed, calls = [], []
+
+    def record(fn, device, reps):
+        timed.append((fn, reps))
+        return [1e-4] * reps  # 0.1 ms a call, without running it
+
+    monkeypatch.setattr(timing, "sample", record)
+    case = {c.id: c for c in cases.all_cases("cpu", batch=2)}["gap imagenet.gap fwd"]
+    prov = [p for p in providers.all_providers("cpu", with_compile=False) if p.name in ("fastnin-cpu", "eager")]
+    real_prepare = runner.prepare
+
+    def counting_prepare(case, provider, device, dtype):
+        prep = real_prepare(case, provider, device, dtype)
+        fn = prep.fn
+
+        def counted():
+            calls.append(provider.name)
+            return fn()
+
+        prep.fn = counted
+        return prep
+
+    monkeypatch.setattr(runner, "prepare", counting_prepare)
+    base = dict(warmup=0, rounds=3, min_reps=6, max_reps=6, target_s=0.0)
+    row = runner.run_case(case, prov, "cpu", "fp32", runner.Settings(**base, warm_calls=2, warm_below_s=1e-3))
+    # Sizing call, then per round: 2 untimed calls and 2 timed ones (6 samples over 3 rounds).
+    assert {e["n"] for e in row["providers"].values()} == {6}
+    assert [r for _, r in timed] == [1, 2, 1, 2] + [2, 2] * 2
+    # Untimed: the peak-memory call and the 2 warm calls of each of the 3 turns, per provider.
+    assert calls.count("fastnin-cpu") == calls.count("eager") == 1 + 3 * 2
+    assert calls[2:4] == ["fastnin-cpu"] * 2  # after the peak-memory calls: fastnin's first turn
+    timed.clear(), calls.clear()
+    row = runner.run_case(case, prov, "cpu", "fp32", runner.Settings(**base, warm_calls=2, warm_below_s=0.0))
+    assert {e["n"] for e in row["providers"].values()} == {7}  # the sizing call is a sample, + 3 x 2
+    assert calls.count("fastnin-cpu") == calls.count("eager") == 1
+    assert runner.Settings.for_device("cuda").warm_calls == 0 and runner.Settings.for_device("cpu").warm_calls > 0

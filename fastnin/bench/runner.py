@@ -3,7 +3,8 @@
 Per case, every provider is prepared and warmed up first (torch.compile compiles then), its peak
 memory measured on one call, then the providers are timed in interleaved rounds (A B C, A B C, ...)
 so that a change in the machine's load during the case falls on all of them alike (a case whose
-targets are checked gets more rounds, Settings.target_rounds), and finally
+targets are checked gets more rounds, Settings.target_rounds; on the CPU a short call is
+repeated untimed at the start of each turn, Settings.warm_calls), and finally
 each one's error against the float64 reference is taken. A provider that fails is reported in its
 row (its "error" field) and the run goes on.
 """
@@ -50,6 +51,16 @@ class Settings:
     # fwd+bwd over eager came out 1.004-1.128x (channels_last) in 8 runs, against 1.050-1.069x with
     # 12 rounds of one call each, the two settings alternated in one process.
     target_rounds: int = 12
+    # CPU: a provider whose call takes less than warm_below_s makes warm_calls untimed calls at the
+    # start of each of its turns in a round (its sizing call, made cold, is not a sample either).
+    # Why: the previous providers' inputs evict its input from the caches, and the first calls
+    # after a switch time that transition. GAP's 64x384x13x13 forward (16.6 MB, 2-core AMD EPYC,
+    # 32 MiB L3), medians over 10-12 rounds of 12 calls by position in the turn, ms: fastnin NCHW
+    # 0.85 0.44 0.22 0.18 0.17 0.16 ... 0.16, eager 0.68 0.38 0.23 0.20 0.20 0.20 ... 0.19. With
+    # 5 calls a turn the median fell on the third call, so it timed how fast the L3 refilled.
+    # 0 on the GPU, where the inputs rotate so that every call is timed cold instead.
+    warm_calls: int = 4
+    warm_below_s: float = 0.01
 
     @classmethod
     def quick(cls) -> Settings:
@@ -63,7 +74,7 @@ class Settings:
     @classmethod
     def for_device(cls, device) -> Settings:
         # GPU: per-call CUDA-event times are steady; 0.1 s of samples is tens to hundreds of calls.
-        return cls(target_s=0.1, max_reps=200) if torch.device(device).type == "cuda" else cls()
+        return cls(target_s=0.1, max_reps=200, warm_calls=0) if torch.device(device).type == "cuda" else cls()
 
 
 def _err_text(e: BaseException) -> str:
@@ -125,14 +136,21 @@ def run_case(case: Case, providers: list[Provider], device, dtype_name: str, set
     # Interleaved timing rounds; the first timed call of each sizes its share.
     samples: dict[str, list[float]] = {n: [] for n in prepared}
     reps: dict[str, int] = {}
+    warm: dict[str, int] = {}  # untimed calls at the start of each turn (Settings.warm_calls)
     for r in range(settings.rounds):
         for name, prep in list(prepared.items()):
             try:
                 if name not in reps:
                     first = timing.sample(prep.fn, device, 1)
-                    samples[name] += first
+                    warm[name] = settings.warm_calls if first[0] < settings.warm_below_s else 0
+                    if not warm[name]:
+                        samples[name] += first
                     total = timing.reps_for(first[0], settings.target_s, settings.min_reps, settings.max_reps)
-                    reps[name] = max(1, -(-(total - 1) // settings.rounds))
+                    reps[name] = max(1, -(-(total - (0 if warm[name] else 1)) // settings.rounds))
+                for _ in range(warm[name]):
+                    prep.fn()
+                if warm[name]:
+                    timing._sync(device)
                 samples[name] += timing.sample(prep.fn, device, reps[name])
             except Exception as e:  # noqa: BLE001
                 row["providers"][name]["error"] = _err_text(e)
