@@ -97,8 +97,10 @@ def meta(device, argv: list[str] | None = None) -> dict:
     import fastnin
 
     from . import timing
+    from .runner import Settings
 
     dev = torch.device(device)
+    cpu_settings = Settings.for_device("cpu")
     return {
         "schema": SCHEMA,
         "device": device_name(dev),
@@ -118,7 +120,8 @@ def meta(device, argv: list[str] | None = None) -> dict:
         "timing": "CUDA events per call, median, after warm-up; inputs rotated over > 2x L2"
         if dev.type == "cuda"
         else "time.perf_counter per call, median, after warm-up; providers interleaved in rounds; "
-        "calls under 10 ms: 4 untimed calls at the start of each turn",
+        f"calls under {cpu_settings.warm_below_s * 1e3:g} ms: {cpu_settings.warm_calls} untimed calls at the start "
+        "of each turn",
         "peak_memory": "torch.cuda.max_memory_allocated above the allocation before the call"
         if dev.type == "cuda"
         else "peak RSS: " + timing.CPU_PEAK_METHOD,
