@@ -497,7 +497,8 @@ def test_short_calls_warm_up_untimed_at_each_turn(monkeypatch):
     # Untimed: the peak-memory call and the 2 warm calls of each of the 3 turns, per provider.
     assert calls.count("fastnin-cpu") == calls.count("eager") == 1 + 3 * 2
     assert calls[2:4] == ["fastnin-cpu"] * 2  # after the peak-memory calls: fastnin's first turn
-    timed.clear(), calls.clear()
+    timed.clear()
+    calls.clear()
     row = runner.run_case(case, prov, "cpu", "fp32", runner.Settings(**base, warm_calls=2, warm_below_s=0.0))
     assert {e["n"] for e in row["providers"].values()} == {7}  # the sizing call is a sample, + 3 x 2
     assert calls.count("fastnin-cpu") == calls.count("eager") == 1
